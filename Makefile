@@ -1,0 +1,32 @@
+# The README's two commands: `make run` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: on machines without a GPU this keeps pip from pulling a CUDA wheel
+# of several GB. Override with TORCH_SPEC= (empty) to keep a torch you installed yourself.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/autotune run
+
+# pytest exits 5 when it collects nothing: a broken test tree, never a pass.
+test: $(STAMP)
+	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
+
+bench: $(STAMP)
+	$(PY) -m suites.scheduling
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

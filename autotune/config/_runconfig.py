@@ -1,0 +1,152 @@
+"""RunConfig: a workload plus every knob the trainer honours, and the validity rules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+
+from autotune.config._workload import Workload
+
+__all__ = [
+    "POLICIES", "CheckpointConfig", "KernelsConfig", "OptimizerConfig", "ParallelConfig",
+    "PrecisionConfig",
+    "RunConfig", "ScheduleConfig", "rule_violations",
+]
+
+Policy = Literal["pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull"]
+POLICIES: tuple[str, ...] = ("pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull")
+PADDED_POLICIES = frozenset({"pad-max", "pad-batch", "sorted"})
+
+
+class ScheduleConfig(BaseModel):
+    """How sequences become micro-batches.
+
+    Padding policies (pad-max, pad-batch, sorted) take ``micro_batch_size`` sequences per
+    micro-batch; pack, skrull and chunkflow fill micro-batches up to ``micro_batch_tokens``.
+    chunkflow splits sequences longer than ``chunk_size`` into dependent chunks and keeps
+    activations for the last ``chunkflow_k`` chunks of each sequence, recomputing the rest.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Policy = "chunkflow"
+    chunk_size: PositiveInt = 512
+    chunkflow_k: PositiveInt = 1
+    micro_batch_tokens: PositiveInt = 512
+    micro_batch_size: PositiveInt = 8
+
+
+class ParallelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dp: PositiveInt = 1
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    cp: PositiveInt = 1
+    zero_stage: int = Field(0, ge=0, le=3)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+
+class CheckpointConfig(BaseModel):
+    """Activation checkpointing: none, every layer, or the first ``fraction`` of layers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["none", "full", "selective"] = "none"
+    fraction: float = Field(0.5, gt=0, le=1)
+
+    def checkpointed_layers(self, layers: int) -> int:
+        if self.policy == "none":
+            return 0
+        if self.policy == "full":
+            return layers
+        return max(1, round(self.fraction * layers))
+
+
+class KernelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attention: Literal["sdpa", "eager"] = "sdpa"
+
+
+class PrecisionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW with linear warm-up; the same for every policy, so policies train alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_steps: NonNegativeInt = 0
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class RunConfig(BaseModel):
+    """Complete description of one training run: the trainer needs nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload: Workload = Field(default_factory=Workload)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _rules(self) -> "RunConfig":
+        problems = rule_violations(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def label(self) -> str:
+        s, p = self.schedule, self.parallel
+        parts = [s.policy]
+        if s.policy == "chunkflow":
+            parts.append(f"cs{s.chunk_size}-k{s.chunkflow_k}")
+        if s.policy in PADDED_POLICIES:
+            parts.append(f"mbs{s.micro_batch_size}")
+        else:
+            parts.append(f"mbt{s.micro_batch_tokens}")
+        if p.world_size > 1:
+            parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}cp{p.cp}z{p.zero_stage}")
+        if self.checkpointing.policy != "none":
+            parts.append(f"ac-{self.checkpointing.policy}")
+        parts.append(self.precision.dtype)
+        return "_".join(parts)
+
+
+def rule_violations(rc: RunConfig) -> list[str]:
+    """Every validity rule ``rc`` breaks, each as one message naming the values."""
+    problems: list[str] = []
+    p, s, w = rc.parallel, rc.schedule, rc.workload
+    if p.world_size != w.world_size:
+        problems.append(f"dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} does not "
+                        f"match the {w.world_size} devices of the workload "
+                        f"(devices_per_node * nodes)")
+    dims = w.model.resolve()
+    if dims.heads % p.tp or dims.kv_heads % p.tp:
+        problems.append(f"tp={p.tp} does not divide heads={dims.heads} and kv_heads={dims.kv_heads}")
+    if dims.layers % p.pp:
+        problems.append(f"pp={p.pp} does not divide layers={dims.layers}")
+    if s.policy == "chunkflow" and s.chunk_size > s.micro_batch_tokens:
+        problems.append(f"chunkflow needs chunk_size <= micro_batch_tokens "
+                        f"(chunk_size={s.chunk_size}, micro_batch_tokens={s.micro_batch_tokens})")
+    if w.data.max_len > dims.max_seq_len:
+        problems.append(f"data.max_len={w.data.max_len} exceeds the model's context limit "
+                        f"max_seq_len={dims.max_seq_len}")
+    return problems

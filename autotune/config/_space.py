@@ -1,0 +1,99 @@
+"""SearchSpace: declarative choices per knob plus the validity rules of RunConfig."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from autotune.config._runconfig import (
+    PADDED_POLICIES, POLICIES, Policy, RunConfig, rule_violations,
+)
+from autotune.config._workload import Workload
+
+__all__ = ["SearchSpace"]
+
+
+def _divisor_layouts(world: int) -> list[tuple[int, int, int, int]]:
+    out = []
+    for tp, pp, cp in itertools.product(range(1, world + 1), repeat=3):
+        if world % (tp * pp * cp) == 0:
+            out.append((world // (tp * pp * cp), tp, pp, cp))
+    return out
+
+
+class SearchSpace(BaseModel):
+    """The choices the search may make for each knob of a RunConfig.
+
+    Values are lists of choices; a candidate is valid when every value lies in its list and
+    the RunConfig validity rules hold (degrees multiply to the world size, tp divides the
+    heads, pp the layers, chunk_size fits a micro-batch, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: list[Policy] = Field(default_factory=lambda: list(POLICIES))
+    chunk_size: list[PositiveInt] = Field(default_factory=lambda: [128, 256, 512, 1024])
+    chunkflow_k: list[PositiveInt] = Field(default_factory=lambda: [1, 2])
+    micro_batch_tokens: list[PositiveInt] = Field(
+        default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    micro_batch_size: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    zero_stage: list[int] = Field(default_factory=lambda: [0])
+    checkpointing: list[str] = Field(default_factory=lambda: ["none", "selective", "full"])
+    attention: list[str] = Field(default_factory=lambda: ["sdpa"])
+    dtype: list[str] = Field(default_factory=lambda: ["fp32"])
+
+    def parallel_layouts(self, workload: Workload) -> list[tuple[int, int, int, int]]:
+        """(dp, tp, pp, cp) for the workload's devices, filtered by the shape rules."""
+        dims = workload.model.resolve()
+        return [(dp, tp, pp, cp) for dp, tp, pp, cp in _divisor_layouts(workload.world_size)
+                if dims.heads % tp == 0 and dims.kv_heads % tp == 0 and dims.layers % pp == 0]
+
+    def violations(self, rc: RunConfig) -> list[str]:
+        """Why ``rc`` is outside this space, or an empty list."""
+        s = rc.schedule
+        checks = {
+            "policy": s.policy, **{k: getattr(s, k) for k in self._policy_knobs(s.policy)},
+            "zero_stage": rc.parallel.zero_stage, "checkpointing": rc.checkpointing.policy,
+            "attention": rc.kernels.attention, "dtype": rc.precision.dtype,
+        }
+        out = [f"{k}={v!r} is not among the choices {getattr(self, k)}"
+               for k, v in checks.items() if v not in getattr(self, k)]
+        return out + rule_violations(rc)
+
+    def grid(self, workload: Workload) -> Iterator[RunConfig]:
+        """Every valid RunConfig of the space, in a stable order. Knobs a policy ignores are
+        held at their first choice, so no config appears twice."""
+        ignored_default = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS}
+        for policy in self.policy:
+            knobs = self._policy_knobs(policy)
+            for values in itertools.product(*(getattr(self, k) for k in knobs)):
+                sched = {**ignored_default, **dict(zip(knobs, values, strict=True)),
+                         "policy": policy}
+                for layout in self.parallel_layouts(workload):
+                    for zero, ckpt, attn, dtype in itertools.product(
+                            self.zero_stage, self.checkpointing, self.attention, self.dtype):
+                        data = {
+                            "workload": workload, "schedule": sched,
+                            "parallel": dict(zip(("dp", "tp", "pp", "cp"), layout, strict=True),
+                                             zero_stage=zero),
+                            "checkpointing": {"policy": ckpt}, "kernels": {"attention": attn},
+                            "precision": {"dtype": dtype},
+                        }
+                        try:
+                            yield RunConfig.model_validate(data)
+                        except ValueError:
+                            continue
+
+    @staticmethod
+    def _policy_knobs(policy: str) -> tuple[str, ...]:
+        """The schedule knobs that ``policy`` reads."""
+        if policy in PADDED_POLICIES:
+            return ("micro_batch_size",)
+        if policy == "chunkflow":
+            return ("micro_batch_tokens", "chunk_size", "chunkflow_k")
+        return ("micro_batch_tokens",)
+
+
+_SCHEDULE_KNOBS = ("chunk_size", "chunkflow_k", "micro_batch_tokens", "micro_batch_size")

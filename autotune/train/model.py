@@ -1,0 +1,176 @@
+"""A Llama-style decoder over packed variable-length micro-batches.
+
+RMSNorm, rotary positions, SwiGLU and grouped-query attention, with module names as in
+torchtitan (``attention.wq``, ``feed_forward.w1``, ...) so that parallelism plans written for
+them apply. Tokens of a micro-batch lie end to end in one dimension; ``cu_seqlens`` marks the
+segments, attention never crosses them, and positions come from the caller (restarting at 0
+for every sequence, continuing across the chunks of a long one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from autotune.config import ModelDims
+from kernels.attention import varlen_attention
+
+__all__ = ["Decoder", "PackedBatch", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One micro-batch: ``input_ids``, ``labels`` and ``positions`` of shape (tokens,)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: tuple[int, ...]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 even under bf16 autocast: the mean of squares underflows.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    def angles(self, positions: torch.Tensor) -> KV:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: ModelDims, impl: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.dim_head
+        self.impl = impl
+        self.wq = nn.Linear(dims.hidden, dims.q_width, bias=dims.qkv_bias)
+        self.wk = nn.Linear(dims.hidden, dims.kv_width, bias=dims.qkv_bias)
+        self.wv = nn.Linear(dims.hidden, dims.kv_width, bias=dims.qkv_bias)
+        self.wo = nn.Linear(dims.q_width, dims.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: KV, cu: tuple[int, ...],
+                prefix: KV | None) -> tuple[torch.Tensor, KV]:
+        t = x.shape[0]
+        # Head counts from the weights, so a tensor-parallel shard sees its own heads.
+        q = self.wq(x).view(t, -1, self.head_dim)
+        k = self.wk(x).view(t, -1, self.head_dim)
+        v = self.wv(x).view(t, -1, self.head_dim)
+        q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
+        if prefix is None:
+            k_all, v_all, cu_k = k, v, cu
+        else:
+            # Earlier chunks' keys go in front of segment 0 only; the others shift by P.
+            p = prefix[0].shape[0]
+            k_all = torch.cat((prefix[0].to(k.dtype), k))
+            v_all = torch.cat((prefix[1].to(v.dtype), v))
+            cu_k = (0, *(c + p for c in cu[1:]))
+        o = varlen_attention(q, k_all, v_all, cu, cu_k, impl=self.impl)
+        seg0 = cu[1]
+        return self.wo(o.reshape(t, -1)), (k[:seg0], v[:seg0])
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.w1 = nn.Linear(dims.hidden, dims.ffn, bias=False)
+        self.w2 = nn.Linear(dims.ffn, dims.hidden, bias=False)
+        self.w3 = nn.Linear(dims.hidden, dims.ffn, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dims: ModelDims, impl: str):
+        super().__init__()
+        self.attention_norm = RMSNorm(dims.hidden, dims.norm_eps)
+        self.attention = Attention(dims, impl)
+        self.ffn_norm = RMSNorm(dims.hidden, dims.norm_eps)
+        self.feed_forward = FeedForward(dims)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu: tuple[int, ...], prefix: KV | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+        a, (k, v) = self.attention(self.attention_norm(h), (cos, sin), cu, prefix)
+        h = h + a
+        h = h + self.feed_forward(self.ffn_norm(h))
+        return h, k, v
+
+
+class Decoder(nn.Module):
+    """``forward`` returns the summed cross-entropy of the labelled tokens and, per layer,
+    the (post-rotary) keys and values of segment 0, which ChunkFlow carries to the next chunk.
+
+    Args:
+        dims: model dimensions.
+        attention: varlen attention implementation (see ``kernels.attention``).
+        checkpoint_layers: recompute the activations of this many leading layers in backward.
+    """
+
+    def __init__(self, dims: ModelDims, *, attention: str = "sdpa", checkpoint_layers: int = 0):
+        super().__init__()
+        self.dims = dims
+        self.checkpoint_layers = checkpoint_layers
+        self.tok_embeddings = nn.Embedding(dims.vocab, dims.hidden)
+        self.layers = nn.ModuleList(Block(dims, attention) for _ in range(dims.layers))
+        self.norm = RMSNorm(dims.hidden, dims.norm_eps)
+        self.output = nn.Linear(dims.hidden, dims.vocab, bias=False)
+        if dims.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(dims.dim_head, dims.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        out_std = 0.02 / math.sqrt(2 * self.dims.layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, batch: PackedBatch, *, prefix_kv: list[KV] | None = None
+                ) -> tuple[torch.Tensor, list[KV]]:
+        cos, sin = self.rotary.angles(batch.positions)
+        h = self.tok_embeddings(batch.input_ids)
+        kvs: list[KV] = []
+        for i, layer in enumerate(self.layers):
+            prefix = prefix_kv[i] if prefix_kv is not None else None
+            if i < self.checkpoint_layers and torch.is_grad_enabled():
+                h, k, v = checkpoint(layer, h, cos, sin, batch.cu_seqlens, prefix,
+                                     use_reentrant=False)
+            else:
+                h, k, v = layer(h, cos, sin, batch.cu_seqlens, prefix)
+            kvs.append((k, v))
+        logits = self.output(self.norm(h))
+        # Cross-entropy in at least float32 even under bf16 autocast.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss_sum = F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        return loss_sum, kvs

@@ -1,0 +1,89 @@
+"""Record types every measurement is stored as: trial status, environment fingerprint, result.
+
+These are the only `profilers` types other packages may depend on (`cost_models` reads them),
+so they stay plain data: no hardware access, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Fingerprint", "Measurement", "Status"]
+
+
+class Status(str, Enum):
+    """How a measured trial ended; anything but COMPLETE carries no timings."""
+
+    COMPLETE = "COMPLETE"
+    OOM = "OOM"
+    TIMEOUT = "TIMEOUT"
+    CRASHED = "CRASHED"
+    INVALID = "INVALID"
+
+
+class Fingerprint(BaseModel):
+    """The environment a figure was measured in; caches refuse to mix two of them.
+
+    Frozen so that a fingerprint handed to a cache cannot change under its key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_kind: Literal["cpu", "cuda"]
+    device_name: str
+    device_count: int = Field(ge=0)
+    cpu_model: str
+    threads: int = Field(ge=1)
+    torch_version: str
+    cuda_version: str | None
+    driver_version: str | None
+    python_version: str
+    package_version: str
+
+    def key(self) -> str:
+        """Short stable hash: the first 16 hex digits of sha256 over the key-sorted compact JSON.
+
+        Example:
+            >>> fp.key()  # doctest: +SKIP
+            '3f9a0c1d2e4b5a67'
+        """
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+class Measurement(BaseModel):
+    """One measured trial: its status and, when it completed, its timings and derived metrics.
+
+    Derived metrics name what they divide by: ``mfu_peak_source`` says which peak (measured
+    matmul ceiling or datasheet figure) the MFU is relative to and where it came from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status
+    reason: str = ""
+    tokens_per_s: float | None = None
+    step_time_s: float | None = Field(default=None, description="median of step_times_s")
+    step_time_iqr_s: float | None = None
+    step_times_s: list[float] = Field(default_factory=list, description="every raw timed sample")
+    warmup_steps: int = Field(default=0, ge=0)
+    timed_steps: int = Field(default=0, ge=0)
+    peak_mem_bytes: int | None = Field(default=None, description="tensor-level peak")
+    peak_rss_bytes: int | None = Field(default=None, description="whole trial process tree")
+    mfu: float | None = None
+    mfu_peak_source: str | None = None
+    model_tflops_per_step: float | None = None
+    energy_j: float | None = None
+    energy_per_token_j: float | None = None
+    extra: dict[str, float | int | str | list[Any] | None] = Field(default_factory=dict)
+    fingerprint: Fingerprint | None = None
+    log_tail: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready builtins (enums as strings); ``model_validate`` reads it."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Benchmark suites: contenders side by side, MLPerf-style logs, scores and reports."""

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from profilers import ceilings
+from profilers.ceilings import (
+    Ceiling,
+    CeilingStore,
+    datasheet_peak,
+    matmul_ceiling,
+    measure_matmul_ceiling,
+)
+from profilers.fingerprint import current_fingerprint
+from profilers.records import Fingerprint
+
+
+def _ceiling(fp: Fingerprint, dtype: str = "fp32", flops: float = 1e11) -> Ceiling:
+    n = 128
+    return Ceiling(
+        dtype=dtype,  # type: ignore[arg-type]
+        device_kind="cpu",
+        flops_per_s=flops,
+        size=n,
+        samples_s=[2 * n**3 / flops] * 3,
+        method="test",
+        fingerprint_key=fp.key(),
+    )
+
+
+@pytest.fixture
+def tiny_measure(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make matmul_ceiling measure tiny matrices, and record each measurement's dtype."""
+    calls: list[str] = []
+    real = ceilings.measure_matmul_ceiling
+
+    def measure(dtype: str, device_kind: str = "cpu") -> Ceiling:
+        calls.append(dtype)
+        return real(dtype, device_kind, sizes=(64,), min_time_s=0.01)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ceilings, "measure_matmul_ceiling", measure)
+    return calls
+
+
+def test_measured_ceiling_is_consistent_with_its_samples() -> None:
+    c = measure_matmul_ceiling("fp32", sizes=(64, 128), min_time_s=0.05)
+    assert c.size in (64, 128)
+    assert len(c.samples_s) >= 3
+    assert c.flops_per_s > 0
+    recomputed = 2 * c.size**3 / statistics.median(c.samples_s)
+    assert c.flops_per_s == pytest.approx(recomputed, rel=1e-12)
+    assert c.fingerprint_key == current_fingerprint("cpu").key()
+    assert f"n={c.size}" in c.method and "64, 128" in c.method
+
+
+def test_size_predicted_too_slow_is_skipped() -> None:
+    c = measure_matmul_ceiling("fp32", sizes=(128, 64), max_run_s=0.0, min_time_s=0.01)
+    assert c.size == 64  # sizes run smallest first; 128 is predicted over the 0 s limit
+    assert "skipped as too slow: 128" in c.method
+
+
+def test_bf16_ceiling_is_measured() -> None:
+    c = measure_matmul_ceiling("bf16", sizes=(32,), min_time_s=0.01)
+    assert c.dtype == "bf16" and c.size == 32 and c.flops_per_s > 0
+
+
+def test_unknown_dtype_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'fp16'"):
+        measure_matmul_ceiling("fp16", sizes=(8,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'fp16'"):
+        matmul_ceiling("fp16", cache_dir=tmp_path)  # type: ignore[arg-type]
+
+
+def test_store_round_trips(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    c32, c16 = _ceiling(fingerprint, "fp32", 1e11), _ceiling(fingerprint, "bf16", 3e11)
+    CeilingStore(tmp_path).put(c32)
+    CeilingStore(tmp_path).put(c16)
+    fresh = CeilingStore(tmp_path)  # reads the file, not a memory of the puts
+    assert fresh.get(fingerprint, "fp32") == c32
+    assert fresh.get(fingerprint, "bf16") == c16
+    raw = json.loads((tmp_path / "ceilings.json").read_text())
+    assert raw[fingerprint.key()]["bf16"]["flops_per_s"] == 3e11
+
+
+def test_store_does_not_serve_another_fingerprint(tmp_path: Path, fingerprint: Fingerprint) -> None:
+    store = CeilingStore(tmp_path)
+    store.put(_ceiling(fingerprint))
+    other = fingerprint.model_copy(update={"threads": fingerprint.threads + 1})
+    assert store.get(other, "fp32") is None
+    assert store.get(fingerprint, "bf16") is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", '["a list"]', '{"k": {"fp32": {"dtype": "fp32"}}}', '{"k": {"fp32": 1.0}}'],
+)
+def test_corrupt_store_names_the_file(
+    tmp_path: Path, fingerprint: Fingerprint, content: str
+) -> None:
+    path = tmp_path / "ceilings.json"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        CeilingStore(tmp_path).get(fingerprint, "fp32")
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_second_call_reuses_stored_ceiling(
+    tmp_path: Path, tiny_measure: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = matmul_ceiling("fp32", cache_dir=tmp_path)
+    assert tiny_measure == ["fp32"]
+    assert (tmp_path / "ceilings.json").is_file()
+
+    def must_not_measure(*args: object, **kwargs: object) -> Ceiling:
+        raise AssertionError("re-measured a stored ceiling")
+
+    monkeypatch.setattr(ceilings, "measure_matmul_ceiling", must_not_measure)
+    assert matmul_ceiling("fp32", cache_dir=tmp_path) == first
+
+
+def test_other_dtype_and_fingerprint_are_measured(
+    tmp_path: Path, tiny_measure: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    matmul_ceiling("fp32", cache_dir=tmp_path)
+    matmul_ceiling("bf16", cache_dir=tmp_path)
+    assert tiny_measure == ["fp32", "bf16"]
+    real_fp = current_fingerprint()
+    other = real_fp.model_copy(update={"threads": real_fp.threads + 1})
+    monkeypatch.setattr(ceilings, "current_fingerprint", lambda device_kind="cpu": other)
+    matmul_ceiling("fp32", cache_dir=tmp_path)
+    assert tiny_measure == ["fp32", "bf16", "fp32"]
+    stored = json.loads((tmp_path / "ceilings.json").read_text())
+    assert set(stored) == {real_fp.key(), other.key()}
+    assert set(stored[real_fp.key()]) == {"fp32", "bf16"}
+
+
+def test_default_cache_dir_comes_from_environment(
+    tmp_path: Path, tiny_measure: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    matmul_ceiling("fp32")
+    assert (tmp_path / "cache" / "ceilings.json").is_file()
+    monkeypatch.delenv("AUTOTUNE_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ceilings._default_cache_dir() == tmp_path / "home" / ".cache" / "autotune"
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "tflops"),
+    [
+        # torch.cuda.get_device_name() spellings, dense figures from NVIDIA datasheets
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA H100 80GB HBM3", "fp32", 494.7),
+        ("NVIDIA H100 PCIe", "bf16", 756.5),
+        ("NVIDIA H200", "bf16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100-SXM4-40GB", "fp32", 156.0),
+        ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
+        ("NVIDIA L40S", "bf16", 362.05),
+        ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+        ("NVIDIA GeForce RTX 4090", "fp32", 82.6),
+        # the table's own names
+        ("H100-SXM", "bf16", 989.4),
+        ("H100-PCIe", "fp32", 378.0),
+        ("A100-SXM-80GB", "bf16", 312.0),
+        ("RTX-4090", "bf16", 165.2),
+    ],
+)
+def test_datasheet_peak_known_gpus(name: str, dtype: str, tflops: float) -> None:
+    assert datasheet_peak(name, dtype) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA H100 NVL",
+        "NVIDIA H200 NVL",
+        "NVIDIA L40",
+        "NVIDIA GeForce RTX 4090 D",
+        "Tesla V100-SXM2-16GB",
+        "AMD EPYC",
+    ],
+)
+def test_datasheet_peak_unknown_gpu_is_none(name: str) -> None:
+    assert datasheet_peak(name, "bf16") is None

@@ -4,7 +4,9 @@ This is autotune's own ``kernels`` package. Hugging Face ships a different packa
 same import name; install autotune into its own virtual environment (``make`` does).
 """
 
-__all__ = ["ATTENTION_IMPLS", "varlen_attention", "varlen_attention_reference"]
+__all__ = [
+    "ATTENTION_IMPLS", "prefix_causal_attention", "varlen_attention", "varlen_attention_reference",
+]
 
 
 def __getattr__(name: str):  # torch loads only when a kernel is used

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_IMPLS", "varlen_attention", "varlen_attention_reference"]
+__all__ = [
+    "ATTENTION_IMPLS", "prefix_causal_attention", "varlen_attention", "varlen_attention_reference",
+]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cu_q: Sequence[int], cu_k: Sequence[int]) -> None:
@@ -103,6 +105,66 @@ def varlen_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 ATTENTION_IMPLS = {"sdpa": varlen_attention_sdpa, "eager": varlen_attention_reference}
+
+
+def _lower_right_bias(lq: int, lk: int, like: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=like.device).tril(diagonal=lk - lq)
+    return torch.zeros(lq, lk, dtype=like.dtype, device=like.device).masked_fill_(~keep, float("-inf"))
+
+
+def _heads_first(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.transpose(0, 1).unsqueeze(0) for t in ts]
+
+
+class _PrefixAttentionCPU(torch.autograd.Function):
+    """One segment attending to a key/value prefix plus its own keys, bottom-right causal,
+    on the CPU flash kernel.
+
+    What autograd would keep by default is the concatenated keys and values and the float
+    mask, per layer: all of them grow with the prefix, i.e. with the longest sequence, which
+    is exactly what ChunkFlow must not do. This keeps only the prefix tensors themselves (the
+    caller's key/value state, not copies) and rebuilds the concatenation and the mask in
+    backward. The prefix is stashed without a version check: ChunkFlow writes each stretch
+    of its state once, before any chunk reads it, and never changes it afterwards.
+    """
+
+    _fwd = staticmethod(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    _bwd = staticmethod(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+
+    @staticmethod
+    def forward(ctx, q, k_prefix, v_prefix, k, v):  # noqa: ANN001
+        kb, vb = torch.cat((k_prefix, k)), torch.cat((v_prefix, v))
+        bias = _lower_right_bias(q.shape[0], kb.shape[0], q)
+        qh, kh, vh = _heads_first(q, kb, vb)
+        out, lse = _PrefixAttentionCPU._fwd(qh, kh, vh, 0.0, False, attn_mask=bias)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.prefix = (k_prefix, v_prefix)
+        return out.squeeze(0).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        q, k, v, out, lse = ctx.saved_tensors
+        k_prefix, v_prefix = ctx.prefix
+        kb, vb = torch.cat((k_prefix, k)), torch.cat((v_prefix, v))
+        bias = _lower_right_bias(q.shape[0], kb.shape[0], q)
+        qh, kh, vh, gh = _heads_first(q, kb, vb, grad_out.contiguous())
+        gq, gk, gv = _PrefixAttentionCPU._bwd(gh.contiguous(), qh, kh, vh, out, lse, 0.0, False,
+                                              attn_mask=bias)
+        gq, gk, gv = (g.squeeze(0).transpose(0, 1) for g in (gq, gk, gv))
+        p = k_prefix.shape[0]
+        return gq, gk[:p], gv[:p], gk[p:], gv[p:]
+
+
+def prefix_causal_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, *, impl: str = "sdpa"
+                            ) -> torch.Tensor:
+    """Attention of one segment's queries over a key/value prefix (earlier chunks of the same
+    sequence, all visible) followed by the segment's own keys (causal): bottom-right
+    alignment. Shapes: q (L, H, D); k, v (L, Hkv, D); prefixes (P, Hkv, D)."""
+    if impl == "sdpa" and q.device.type == "cpu" and q.dtype == k_prefix.dtype:
+        return _PrefixAttentionCPU.apply(q, k_prefix, v_prefix, k, v)
+    kb, vb = torch.cat((k_prefix, k)), torch.cat((v_prefix, v))
+    return varlen_attention(q, kb, vb, (0, q.shape[0]), (0, kb.shape[0]), impl=impl)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -53,7 +53,7 @@ class TensorMemoryTracker:
         size = self._live.pop(key, 0)
         self.current_bytes -= size
 
-    def __enter__(self) -> "TensorMemoryTracker":
+    def __enter__(self) -> TensorMemoryTracker:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_map_only

@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from autotune.environment import check_kernels_package
 from autotune.errors import UserError
 
 __all__ = ["main"]
@@ -35,6 +36,7 @@ def _build() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        check_kernels_package()
         parser = _build()
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

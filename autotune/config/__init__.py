@@ -2,9 +2,16 @@
 
 from autotune.config._model import MODEL_PRESETS, ModelDims, ModelSpec
 from autotune.config._runconfig import (
-    PADDED_POLICIES, POLICIES, CheckpointConfig, KernelsConfig, OptimizerConfig, ParallelConfig,
+    PADDED_POLICIES,
+    POLICIES,
+    CheckpointConfig,
+    KernelsConfig,
+    OptimizerConfig,
+    ParallelConfig,
     PrecisionConfig,
-    RunConfig, ScheduleConfig, rule_violations,
+    RunConfig,
+    ScheduleConfig,
+    rule_violations,
 )
 from autotune.config._space import SearchSpace
 from autotune.config._workload import DATA_PRESETS, BudgetSpec, DataSpec, HardwareSpec, Workload

@@ -31,7 +31,7 @@ class ModelDims(BaseModel):
     tie_embeddings: bool = False
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelDims":
+    def _check_shapes(self) -> ModelDims:
         if self.head_dim is None and self.hidden % self.heads:
             raise ValueError(f"heads={self.heads} does not divide hidden={self.hidden}")
         if self.heads % self.kv_heads:
@@ -141,7 +141,7 @@ class ModelSpec(BaseModel):
     tie_embeddings: bool | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self) -> ModelSpec:
         explicit = self._explicit_fields()
         sources = [self.preset is not None, self.hf_config is not None, bool(explicit)]
         if sum(sources) != 1:

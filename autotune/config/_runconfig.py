@@ -107,7 +107,7 @@ class RunConfig(BaseModel):
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
-    def _rules(self) -> "RunConfig":
+    def _rules(self) -> RunConfig:
         problems = rule_violations(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -146,7 +146,7 @@ def rule_violations(rc: RunConfig) -> list[str]:
     if s.policy == "chunkflow" and s.chunk_size > s.micro_batch_tokens:
         problems.append(f"chunkflow needs chunk_size <= micro_batch_tokens "
                         f"(chunk_size={s.chunk_size}, micro_batch_tokens={s.micro_batch_tokens})")
-    if w.data.max_len > dims.max_seq_len:
+    if w.data.preset is not None and w.data.max_len > dims.max_seq_len:
         problems.append(f"data.max_len={w.data.max_len} exceeds the model's context limit "
                         f"max_seq_len={dims.max_seq_len}")
     return problems

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from autotune.config._runconfig import (
-    PADDED_POLICIES, POLICIES, Policy, RunConfig, rule_violations,
+    PADDED_POLICIES,
+    POLICIES,
+    Policy,
+    RunConfig,
+    rule_violations,
 )
 from autotune.config._workload import Workload
 

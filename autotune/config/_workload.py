@@ -25,7 +25,7 @@ class DataSpec(BaseModel):
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSpec":
+    def _one_source(self) -> DataSpec:
         if (self.preset is None) == (self.path is None):
             raise ValueError("give exactly one of: preset, path")
         if self.preset is not None and self.preset not in DATA_PRESETS:

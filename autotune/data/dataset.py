@@ -11,7 +11,11 @@ import numpy as np
 from autotune.config import DataSpec, ModelDims
 from autotune.data.loaders import read_records
 from autotune.data.sequences import (
-    MIN_LEN, MarkovSource, SequenceSet, bimodal_lengths, longsft_lengths,
+    MIN_LEN,
+    MarkovSource,
+    SequenceSet,
+    bimodal_lengths,
+    longsft_lengths,
 )
 from autotune.errors import UserError
 

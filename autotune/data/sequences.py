@@ -26,7 +26,7 @@ class SequenceSet:
     vocab: int
 
     @classmethod
-    def from_lists(cls, seqs: list[np.ndarray] | list[list[int]], vocab: int) -> "SequenceSet":
+    def from_lists(cls, seqs: list[np.ndarray] | list[list[int]], vocab: int) -> SequenceSet:
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autotune.config import ModelDims
-from kernels.attention import varlen_attention
+from kernels.attention import prefix_causal_attention, varlen_attention
 
 __all__ = ["Decoder", "PackedBatch", "IGNORE_INDEX"]
 
@@ -83,14 +83,16 @@ class Attention(nn.Module):
         v = self.wv(x).view(t, -1, self.head_dim)
         q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
         if prefix is None:
-            k_all, v_all, cu_k = k, v, cu
+            o = varlen_attention(q, k, v, cu, cu, impl=self.impl)
         else:
-            # Earlier chunks' keys go in front of segment 0 only; the others shift by P.
-            p = prefix[0].shape[0]
-            k_all = torch.cat((prefix[0].to(k.dtype), k))
-            v_all = torch.cat((prefix[1].to(v.dtype), v))
-            cu_k = (0, *(c + p for c in cu[1:]))
-        o = varlen_attention(q, k_all, v_all, cu, cu_k, impl=self.impl)
+            # Segment 0 continues a sequence whose earlier keys are in ``prefix``.
+            s0 = cu[1]
+            o = prefix_causal_attention(q[:s0], prefix[0].to(k.dtype), prefix[1].to(v.dtype),
+                                        k[:s0], v[:s0], impl=self.impl)
+            if len(cu) > 2:
+                rest = tuple(c - s0 for c in cu[1:])
+                o = torch.cat((o, varlen_attention(q[s0:], k[s0:], v[s0:], rest, rest,
+                                                   impl=self.impl)))
         seg0 = cu[1]
         return self.wo(o.reshape(t, -1)), (k[:seg0], v[:seg0])
 

@@ -82,71 +82,106 @@ class StepExecutor:
         (loss_sum * scale).backward()
         return loss_sum.detach().double().cpu()
 
-    @staticmethod
-    def _prefix(states: list[list[KV]], j: int, leaves: bool) -> list[KV] | None:
-        """Key/value state of chunks 0..j-1 per layer; as fresh leaves when their gradient is
-        wanted, so that backward of chunk j deposits dL_j/dK_i there for every i < j."""
+    def _run_group(self, group: ChunkGroup, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
+        """ChunkFlow's state-aware schedule: forward over every chunk in order, writing each
+        chunk's keys and values into the sequence's state; only the last ``keep`` chunks
+        keep their activations. Backward runs in descending chunk order (recomputing dropped
+        chunks from the state), so when chunk i is reached every later chunk has already
+        added its gradient w.r.t. i's keys and values."""
+        n = len(group.chunks)
+        first_kept = n - group.keep
+        state = _ChunkState([c.segments[0].length for c in group.chunks])
+        kept: dict[int, tuple[torch.Tensor, list[KV], list[KV] | None]] = {}
+        for j, chunk in enumerate(group.chunks):
+            with_grad = j >= first_kept
+            batch = materialize(chunk, self.seqs, batch_ids, self.device)
+            prefix = state.prefix(j, leaves=with_grad)
+            with torch.set_grad_enabled(with_grad), self._autocast():
+                loss_sum, kv = self.model(batch, prefix_kv=prefix)
+            if j < n - 1:  # the last chunk's keys are nobody's prefix
+                state.write(j, kv)
+            if with_grad:
+                kept[j] = (loss_sum, kv, prefix)
+        total = torch.zeros((), dtype=torch.float64)
+        for j in reversed(range(n)):
+            if j in kept:
+                loss_sum, kv, prefix = kept.pop(j)
+            else:
+                batch = materialize(group.chunks[j], self.seqs, batch_ids, self.device)
+                prefix = state.prefix(j, leaves=True)
+                with self._autocast():
+                    loss_sum, kv = self.model(batch, prefix_kv=prefix)
+            outs, grads = [loss_sum * scale], [torch.ones((), dtype=loss_sum.dtype)]
+            if j < n - 1:
+                for (k, v), (gk, gv) in zip(kv, state.grads_of(j)):
+                    outs += [k, v]
+                    grads += [gk, gv]
+            state.route_prefix_grads(prefix)
+            torch.autograd.backward(outs, grads)
+            total += loss_sum.detach().double().cpu()
+        return total
+
+
+class _ChunkState:
+    """Key/value state of one long sequence, per layer, and its gradient.
+
+    One buffer per layer holds the keys (and one the values) of every chunk; the prefix of
+    chunk j is a view of its first P_j rows, never a copy, and gradients w.r.t. a prefix
+    accumulate in place into the matching rows of the gradient buffer. Peak memory is then
+    the state and its gradient (2 x tokens x kv_width x layers) on top of one chunk's
+    activations.
+    """
+
+    def __init__(self, lengths: list[int]):
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.gk: list[torch.Tensor] = []
+        self.gv: list[torch.Tensor] = []
+
+    def write(self, j: int, kv: list[KV]) -> None:
+        if not self.k:
+            rows = self.starts[-1]
+            self.k = [k.new_empty((rows, *k.shape[1:])) for k, _ in kv]
+            self.v = [v.new_empty((rows, *v.shape[1:])) for _, v in kv]
+        lo, hi = self.starts[j], self.starts[j + 1]
+        with torch.no_grad():
+            for layer, (k, v) in enumerate(kv):
+                self.k[layer][lo:hi].copy_(k)
+                self.v[layer][lo:hi].copy_(v)
+
+    def prefix(self, j: int, *, leaves: bool) -> list[KV] | None:
+        """State of chunks 0..j-1 per layer; as fresh leaves (views) when its gradient is
+        wanted, so that backward of chunk j deposits dL_j/dK_i for every i < j."""
         if j == 0:
             return None
+        p = self.starts[j]
         out = []
-        for layer in range(len(states[0])):
-            k = torch.cat([s[layer][0] for s in states[:j]])
-            v = torch.cat([s[layer][1] for s in states[:j]])
+        for k, v in zip(self.k, self.v):
+            k, v = k[:p].detach(), v[:p].detach()
             if leaves:
                 k.requires_grad_()
                 v.requires_grad_()
             out.append((k, v))
         return out
 
-    def _run_group(self, group: ChunkGroup, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
-        """ChunkFlow's state-aware schedule: forward over every chunk in order, keeping the
-        key/value state; only the last ``keep`` chunks keep their activations. Backward runs
-        in descending chunk order (recomputing dropped chunks from the state), so when chunk
-        i is reached every later chunk has already added its gradient w.r.t. i's keys and
-        values."""
-        n = len(group.chunks)
-        first_kept = n - group.keep
-        batches = [materialize(c, self.seqs, batch_ids, self.device) for c in group.chunks]
-        states: list[list[KV]] = []
-        kept: dict[int, tuple[torch.Tensor, list[KV], list[KV] | None]] = {}
-        for j in range(n):
-            with_grad = j >= first_kept
-            prefix = self._prefix(states, j, leaves=with_grad)
-            with torch.set_grad_enabled(with_grad), self._autocast():
-                loss_sum, kv = self.model(batches[j], prefix_kv=prefix)
-            states.append([(k.detach(), v.detach()) for k, v in kv])
-            if with_grad:
-                kept[j] = (loss_sum, kv, prefix)
-        kv_grads: list[list[list[torch.Tensor | None]]] = [
-            [[None, None] for _ in states[0]] for _ in range(n)]
-        total = torch.zeros((), dtype=torch.float64)
-        for j in reversed(range(n)):
-            if j in kept:
-                loss_sum, kv, prefix = kept.pop(j)
-            else:
-                prefix = self._prefix(states, j, leaves=True)
-                with self._autocast():
-                    loss_sum, kv = self.model(batches[j], prefix_kv=prefix)
-            outs, grads = [loss_sum * scale], [torch.ones((), dtype=loss_sum.dtype)]
-            for (k, v), (gk, gv) in zip(kv, kv_grads[j]):
-                for t, g in ((k, gk), (v, gv)):
-                    if g is not None:
-                        outs.append(t)
-                        grads.append(g)
-            torch.autograd.backward(outs, grads)
-            total += loss_sum.detach().double().cpu()
-            if prefix is not None:
-                self._scatter_prefix_grads(prefix, states, j, kv_grads)
-        return total
+    def _grad_buffers(self) -> None:
+        if not self.gk:
+            self.gk = [torch.zeros_like(k) for k in self.k]
+            self.gv = [torch.zeros_like(v) for v in self.v]
 
-    @staticmethod
-    def _scatter_prefix_grads(prefix: list[KV], states: list[list[KV]], j: int,
-                              kv_grads: list[list[list[torch.Tensor | None]]]) -> None:
-        sizes = [states[i][0][0].shape[0] for i in range(j)]
-        for layer, (k, v) in enumerate(prefix):
-            for which, leaf in enumerate((k, v)):
-                if leaf.grad is None:
-                    continue
-                for i, g in enumerate(leaf.grad.split(sizes)):
-                    acc = kv_grads[i][layer][which]
-                    kv_grads[i][layer][which] = g if acc is None else acc + g
+    def grads_of(self, j: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Accumulated dL/dK and dL/dV of chunk j's own keys and values, from later chunks."""
+        self._grad_buffers()
+        lo, hi = self.starts[j], self.starts[j + 1]
+        return [(gk[lo:hi], gv[lo:hi]) for gk, gv in zip(self.gk, self.gv)]
+
+    def route_prefix_grads(self, prefix: list[KV] | None) -> None:
+        # Autograd adds into an existing .grad in place: pointing it at the buffer's rows
+        # accumulates every later chunk's contribution without a temporary per chunk.
+        if prefix is None:
+            return
+        self._grad_buffers()
+        p = prefix[0][0].shape[0]
+        for (k, v), gk, gv in zip(prefix, self.gk, self.gv):
+            k.grad, v.grad = gk[:p], gv[:p]

@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from autotune.config import (
-    MODEL_PRESETS, ModelSpec, RunConfig, SearchSpace, Workload, dump_yaml, load_yaml,
+    MODEL_PRESETS,
+    ModelSpec,
+    RunConfig,
+    SearchSpace,
+    Workload,
+    dump_yaml,
+    load_yaml,
 )
 from autotune.errors import UserError
 

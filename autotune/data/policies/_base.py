@@ -13,7 +13,7 @@ from autotune.data.plan import StepPlan
 
 __all__ = ["POLICY_CLASSES", "SchedulingPolicy", "best_fit_decreasing"]
 
-POLICY_CLASSES: dict[str, type["SchedulingPolicy"]] = {}
+POLICY_CLASSES: dict[str, type[SchedulingPolicy]] = {}
 
 
 class SchedulingPolicy(ABC):

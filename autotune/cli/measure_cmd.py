@@ -1,0 +1,58 @@
+"""``autotune measure RUNCONFIG``: measure a config for real, in an isolated process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autotune.cli._common import (
+    load_runconfig,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_json,
+    require_single_rank,
+)
+
+# The keys a caller can rely on, in the order they are printed.
+SUMMARY_KEYS = ("status", "reason", "tokens_per_s", "step_time_s", "step_time_iqr_s",
+                "peak_mem_bytes", "peak_rss_bytes", "mfu", "mfu_peak_source",
+                "model_tflops_per_step")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measure a RunConfig's throughput and memory for real")
+    p.add_argument("runconfig", help="RunConfig YAML")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="discarded steps before timing (default 1)")
+    p.add_argument("--timeout", type=positive_float, default=900.0,
+                   help="seconds before the trial counts as hung (default 900)")
+    p.add_argument("--out", help="folder for config.yaml, metrics.json and log.txt")
+    p.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autotune.measure import measure
+
+    rc, _ = load_runconfig(args.runconfig)
+    require_single_rank(rc, args.runconfig)
+    print(f"measuring {rc.label()}: {args.warmup} warm-up + {args.steps} timed steps "
+          f"in a separate process ...", file=sys.stderr)
+    m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
+                workdir=Path(args.out) if args.out else None)
+    data = m.to_json_dict()
+    if args.json:
+        ordered = {k: data[k] for k in SUMMARY_KEYS} | {k: v for k, v in data.items()
+                                                       if k not in SUMMARY_KEYS}
+        print_json(ordered)
+    elif m.status.value == "COMPLETE":
+        print(f"{rc.label()}: {m.tokens_per_s:,.0f} tokens/s (effective), step "
+              f"{m.step_time_s:.3f} s median (IQR {m.step_time_iqr_s:.3f} s), peak tensor "
+              f"memory {m.peak_mem_bytes / 2**20:,.0f} MiB, MFU {m.mfu:.1%}")
+    else:
+        print(f"{rc.label()}: {m.status.value}: {m.reason}")
+    return 0 if m.status.value == "COMPLETE" else 1

@@ -9,7 +9,8 @@ def test_foreign_kernels_package_is_refused(tmp_path: Path) -> None:
     fake = tmp_path / "kernels"
     fake.mkdir()
     (fake / "__init__.py").write_text("# Hugging Face's kernels, say\n")
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from autotune.cli import main; sys.exit(main(['run', '--help']))"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from autotune.cli import main; "
+            "sys.exit(main(['run', '--help']))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2

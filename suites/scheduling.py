@@ -124,9 +124,9 @@ def _md_table(df: pd.DataFrame, floatfmt: dict[str, str]) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |",
              "|" + "---|" * (len(cols) + 1)]
-    for idx, row in df.iterrows():
-        cells = [str(idx)] + [format(row[c], floatfmt.get(c, "")) if pd.notna(row[c]) else "-"
-                              for c in cols]
+    for idx in df.index:
+        cells = [str(idx)] + [format(df.at[idx, c], floatfmt.get(c, ""))
+                              if pd.notna(df.at[idx, c]) else "-" for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -177,19 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default="results/scheduling")
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render README.md from the CSVs already in --out")
     args = p.parse_args(argv)
-    wl = Workload()
-    thr = run_throughput(wl, repeats=args.repeats, pad_max_repeats=args.pad_max_repeats,
-                         steps=args.steps, warmup=args.warmup, timeout=args.timeout)
-    with tempfile.TemporaryDirectory() as tmp:
-        mem = run_memory(wl, Path(tmp), steps=2, warmup=1, timeout=args.timeout)
+    out = Path(args.out)
+    if args.render_only:
+        thr, mem = pd.read_csv(out / "throughput.csv"), pd.read_csv(out / "memory.csv")
+    else:
+        wl = Workload()
+        thr = run_throughput(wl, repeats=args.repeats, pad_max_repeats=args.pad_max_repeats,
+                             steps=args.steps, warmup=args.warmup, timeout=args.timeout)
+        with tempfile.TemporaryDirectory() as tmp:
+            mem = run_memory(wl, Path(tmp), steps=2, warmup=1, timeout=args.timeout)
+        out.mkdir(parents=True, exist_ok=True)
+        # Raw rows first: a failure while rendering must not lose the measurements.
+        atomic_write_text(out / "throughput.csv", thr.to_csv(index=False))
+        atomic_write_text(out / "memory.csv", mem.to_csv(index=False))
     from profilers.fingerprint import current_fingerprint
 
     fp = current_fingerprint("cpu")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "throughput.csv", thr.to_csv(index=False))
-    atomic_write_text(out / "memory.csv", mem.to_csv(index=False))
     report = render(thr, mem, args, f"{fp.cpu_model}, {fp.threads} threads, torch {fp.torch_version}")
     atomic_write_text(out / "README.md", report)
     print(report)

@@ -131,3 +131,51 @@ def test_chunkflow_fills_the_last_chunk_of_a_group_with_short_sequences() -> Non
     (group,) = [u for u in plan.units if isinstance(u, ChunkGroup)]
     last = group.chunks[-1]
     assert [(s.seq, s.start, s.length) for s in last.segments] == [(0, 16, 4), (1, 0, 10)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_rank_plans_cover_every_token_once(policy: str, ranks: int) -> None:
+    rng = np.random.default_rng(ranks)
+    lengths = np.exp(rng.uniform(np.log(2), np.log(300), size=41)).astype(np.int64)
+    s = ScheduleConfig(policy=policy, chunk_size=64, micro_batch_tokens=128, micro_batch_size=4)
+    plans = POLICY_CLASSES[policy](s, DIMS, data_max_len=int(lengths.max())).plan_ranks(
+        lengths, ranks)
+    assert len(plans) == ranks
+    covered = [np.zeros(n, dtype=int) for n in lengths]
+    for plan in plans:
+        for mb in plan.micro_batches():
+            for seg in mb.segments:
+                covered[seg.seq][seg.start:seg.start + seg.length] += 1
+    assert all((c == 1).all() for c in covered)
+
+
+def test_balanced_split_is_longest_processing_time_first() -> None:
+    from autotune.data.policies import arrival_order_split, balanced_split
+
+    # loads: 10 -> r0; 7 -> r1; 5 -> r1 (7 < 10); 4 -> r0 (10 < 12); 2 -> r1 (12 < 14).
+    parts = balanced_split(np.array([10.0, 7.0, 5.0, 4.0, 2.0]), 2)
+    assert [p.tolist() for p in parts] == [[0, 3], [1, 2, 4]]
+    assert [p.tolist() for p in arrival_order_split(5, 2)] == [[0, 2, 4], [1, 3]]
+
+
+def test_skrull_rank_balance_beats_arrival_order_on_long_tail_batches() -> None:
+    from autotune.config import MODEL_PRESETS
+    from autotune.data import global_batches
+    from autotune.data.cost import plan_flops
+    from autotune.data.sequences import longsft_lengths
+
+    dims = MODEL_PRESETS["llama-tiny"]
+    lengths = longsft_lengths(5000, 2048, np.random.default_rng(0))
+    stream = global_batches(lengths, global_batch_tokens=8192, seed=0)
+    ratios = {"balanced": [], "arrival": []}
+    for _ in range(40):
+        ids = next(stream)
+        for split in ratios:
+            s = ScheduleConfig(policy="skrull", micro_batch_tokens=2048, rank_split=split)
+            plans = POLICY_CLASSES["skrull"](s, dims, data_max_len=2048).plan_ranks(
+                lengths[ids], 2)
+            load = np.array([plan_flops(p, dims) for p in plans])
+            ratios[split].append(load.max() / load.mean())
+    assert np.median(ratios["balanced"]) <= 1.05
+    assert np.median(ratios["balanced"]) < np.median(ratios["arrival"])

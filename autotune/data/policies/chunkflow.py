@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from autotune.data.cost import sequence_flops
 from autotune.data.plan import ChunkGroup, MicroBatch, Segment, StepPlan
-from autotune.data.policies._base import SchedulingPolicy, best_fit_decreasing
+from autotune.data.policies._base import ComputeBalanced, SchedulingPolicy, best_fit_decreasing
 
 __all__ = ["ChunkFlow"]
 
 
-class ChunkFlow(SchedulingPolicy):
+class ChunkFlow(ComputeBalanced, SchedulingPolicy):
     """Sequences longer than ``chunk_size`` become a ChunkGroup of pieces of ``chunk_size``
     (the last one shorter), one piece per chunk; short sequences are packed best-fit into
     the room the pieces leave and then into new chunks of ``micro_batch_tokens``.
@@ -20,6 +21,13 @@ class ChunkFlow(SchedulingPolicy):
     """
 
     name = "chunkflow"
+
+    def sequence_cost(self, lengths: np.ndarray) -> np.ndarray:
+        """Forward plus backward (2x) plus the forwards of recomputed chunks."""
+        cs, k = self.schedule.chunk_size, self.schedule.chunkflow_k
+        chunks = np.ceil(lengths / cs)
+        recomputed = np.clip(chunks - k, 0, None) / chunks
+        return sequence_flops(lengths, self.dims) * (3 + recomputed) / 3
 
     def plan(self, lengths: np.ndarray) -> StepPlan:
         cs, cap, k = (self.schedule.chunk_size, self.schedule.micro_batch_tokens,

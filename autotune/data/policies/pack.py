@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from autotune.data.plan import MicroBatch, Segment, StepPlan
-from autotune.data.policies._base import SchedulingPolicy, best_fit_decreasing
+from autotune.data.policies._base import ComputeBalanced, SchedulingPolicy, best_fit_decreasing
 
 __all__ = ["Pack"]
 
 
-class Pack(SchedulingPolicy):
+class Pack(ComputeBalanced, SchedulingPolicy):
     """TRL's ``bfd`` packing without truncation: sequences keep their own attention and
-    positions inside a pack; a sequence above the budget travels alone."""
+    positions inside a pack; a sequence above the budget travels alone. Across data-parallel
+    ranks the global batch is split by estimated compute first."""
 
     name = "pack"
 

@@ -52,3 +52,8 @@ class SortedPad(_Padded):
 
     def _order(self, lengths: np.ndarray) -> np.ndarray:
         return np.argsort(-lengths, kind="stable")
+
+    def split(self, lengths: np.ndarray, ranks: int) -> list[np.ndarray]:
+        # Dealt round-robin after sorting, so every rank gets a similar spread of lengths.
+        order = self._order(lengths)
+        return [np.sort(order[r::ranks]) for r in range(ranks)]

@@ -8,18 +8,19 @@ import numpy as np
 
 from autotune.data.cost import sequence_flops
 from autotune.data.plan import MicroBatch, Segment, StepPlan
-from autotune.data.policies._base import SchedulingPolicy
+from autotune.data.policies._base import ComputeBalanced, SchedulingPolicy
 
 __all__ = ["Skrull"]
 
 
-class Skrull(SchedulingPolicy):
+class Skrull(ComputeBalanced, SchedulingPolicy):
     """Longest sequence first onto the least-loaded micro-batch (by estimated FLOPs, linear
     plus quadratic attention term) that has token room under ``micro_batch_tokens``.
 
     It opens as few micro-batches as the tokens need and more only when nothing fits, so
     equal-token packs with unequal attention work (the sum of s_i^2, not (sum s_i)^2) come
-    out balanced in compute while memory stays under the cap.
+    out balanced in compute while memory stays under the cap. Across data-parallel ranks the
+    sequences are first dealt by the same estimate, longest first onto the least-loaded rank.
     """
 
     name = "skrull"

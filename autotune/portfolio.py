@@ -12,12 +12,15 @@ __all__ = ["baseline_configs"]
 
 
 def _rc(workload: Workload, **schedule: object) -> RunConfig:
-    return RunConfig.model_validate({"workload": workload, "schedule": schedule})
+    # Pure data parallelism over the workload's devices: the layout every trainer offers.
+    return RunConfig.model_validate({"workload": workload, "schedule": schedule,
+                                     "parallel": {"dp": workload.world_size}})
 
 
 def baseline_configs(workload: Workload, *, include_pad_max: bool = False) -> list[RunConfig]:
     """pad-batch (the Hugging Face Trainer's default), sorted, pack (TRL bfd), Skrull, and
-    ChunkFlow at chunk sizes around the longest sequence's quarter, all on one device.
+    ChunkFlow at a quarter and a half of the longest sequence, data-parallel over the
+    workload's devices.
 
     ``pad-max`` (Megatron-style fixed length) costs tens of times the others on long-tail
     data; it is left out of tuning runs and measured by the benchmark suites.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,11 +266,18 @@ def _signal_reason(signum: int) -> str:
     return f"killed by signal {signum} ({name})"
 
 
+# The line that names a failure, in a Python traceback or a torchrun failure summary.
+_FAILURE_LINE = re.compile(r"\b\w*(Error|Exception)\b|\bSignal \d+ \(SIG\w+\)")
+
+
 def _last_line(text: str) -> str:
-    for line in reversed(text.splitlines()):
-        if line.strip():
-            return line.strip()[:_REASON_CHARS]
-    return ""
+    """The line that best says why: the last one naming an error (other than the launcher's
+    own wrapper error), else the last that is not a separator rule."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) - set("=-*")]
+    for line in reversed(lines):
+        if _FAILURE_LINE.search(line) and "ChildFailedError" not in line:
+            return line[:_REASON_CHARS]
+    return lines[-1][:_REASON_CHARS] if lines else ""
 
 
 def _log_tail(path: Path, offset: int) -> str:

@@ -39,6 +39,16 @@ class TensorMemoryTracker:
         self._mode: Any = None
 
     def _track(self, tensor: Any) -> None:
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        # A DTensor (or another wrapper subclass) owns no storage: its local tensors do.
+        if is_traceable_wrapper_subclass(tensor):
+            attrs, _ = tensor.__tensor_flatten__()
+            for attr in attrs:
+                inner = getattr(tensor, attr)
+                if hasattr(inner, "untyped_storage"):
+                    self._track(inner)
+            return
         storage = tensor.untyped_storage()
         key = storage.data_ptr() if storage.data_ptr() else id(storage)
         if key in self._live or storage.nbytes() == 0:

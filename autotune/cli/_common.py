@@ -9,10 +9,11 @@ from pathlib import Path
 from autotune.config import RunConfig, load_yaml
 from autotune.data import Dataset, load_dataset
 from autotune.errors import UserError
+from autotune.launch import Launch
 
 __all__ = [
-    "load_runconfig", "non_negative_int", "positive_float", "positive_int", "print_json",
-    "require_single_rank",
+    "add_launch_args", "launch_from_args", "load_runconfig", "non_negative_int", "positive_float",
+    "positive_int", "print_json",
 ]
 
 
@@ -57,10 +58,19 @@ def load_runconfig(path: str) -> tuple[RunConfig, Dataset]:
     return rc, dataset
 
 
-def require_single_rank(rc: RunConfig, path: str) -> None:
-    if rc.parallel.world_size != 1:
-        raise UserError(f"{path}: this trainer runs a single rank; dp*tp*pp*cp must be 1, "
-                        f"got {rc.parallel.world_size}")
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ranks (PyTorch's torchrun underneath)")
+    g.add_argument("--nproc", type=positive_int,
+                   help="ranks on this node (default: the workload's devices_per_node)")
+    g.add_argument("--nnodes", type=positive_int, help="nodes (default: the workload's nodes)")
+    g.add_argument("--node-rank", type=non_negative_int, default=0, help="this node's index")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node)")
+
+
+def launch_from_args(rc: RunConfig, args: argparse.Namespace) -> Launch:
+    """Ranks for this command; every problem is refused before any process starts."""
+    return Launch.for_config(rc, nproc=args.nproc, nnodes=args.nnodes,
+                             node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
 
 
 def print_json(obj: object) -> None:

@@ -6,18 +6,19 @@ import argparse
 import sys
 
 from autotune.cli._common import (
+    add_launch_args,
+    launch_from_args,
     load_runconfig,
     non_negative_int,
     positive_float,
     positive_int,
     print_json,
-    require_single_rank,
 )
 
 # The keys a caller can rely on, in the order they are printed.
 SUMMARY_KEYS = ("status", "reason", "tokens_per_s", "step_time_s", "step_time_iqr_s",
                 "peak_mem_bytes", "peak_rss_bytes", "mfu", "mfu_peak_source",
-                "model_tflops_per_step")
+                "model_tflops_per_step", "rank_imbalance")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds before the trial counts as hung (default 900)")
     p.add_argument("--out", help="folder for config.yaml, metrics.json and log.txt")
     p.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    add_launch_args(p)
     p.set_defaults(func=run)
 
 
@@ -39,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from autotune.measure import measure
 
     rc, _ = load_runconfig(args.runconfig)
-    require_single_rank(rc, args.runconfig)
-    print(f"measuring {rc.label()}: {args.warmup} warm-up + {args.steps} timed steps "
-          f"in a separate process ...", file=sys.stderr)
+    launch = launch_from_args(rc, args)
+    print(f"measuring {rc.label()}: {args.warmup} warm-up + {args.steps} timed steps on "
+          f"{launch.world} rank(s) in a separate process tree ...", file=sys.stderr)
     m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
-                workdir=Path(args.out) if args.out else None)
+                workdir=Path(args.out) if args.out else None, launch=launch)
     data = m.to_json_dict()
+    # Lifted to the top level: the multi-rank figure callers look for first.
+    data["rank_imbalance"] = m.extra.get("rank_imbalance")
     if args.json:
         ordered = {k: data[k] for k in SUMMARY_KEYS} | {k: v for k, v in data.items()
                                                        if k not in SUMMARY_KEYS}

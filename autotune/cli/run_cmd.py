@@ -48,15 +48,12 @@ def _workload(args: argparse.Namespace) -> Workload:
         hw["device"] = args.device
     if args.nproc:
         hw["devices_per_node"] = args.nproc
-    wl = wl.model_copy(update={"hardware": type(wl.hardware).model_validate(hw)})
-    if wl.world_size != 1:
-        raise UserError(f"this trainer runs a single rank; the workload asks for "
-                        f"{wl.world_size} devices")
-    return wl
+    return wl.model_copy(update={"hardware": type(wl.hardware).model_validate(hw)})
 
 
 def run(args: argparse.Namespace) -> int:
     from autotune.data import load_dataset
+    from autotune.launch import Launch
     from autotune.measure import measure
     from autotune.portfolio import baseline_configs
     from autotune.report import render_report
@@ -68,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = baseline_configs(wl)
     trials_budget = args.budget_trials or wl.budget.trials
     candidates = candidates[:trials_budget]
+    Launch.for_config(candidates[0])  # refuse what this machine cannot host, up front
     if args.out:
         out = Path(args.out)
         validate_name(out.name)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import time
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-from tqdm import tqdm
-
-from autotune.cli._common import load_runconfig, positive_int, print_json, require_single_rank
-
-log = logging.getLogger("autotune.train")
+from autotune.cli._common import (
+    add_launch_args,
+    launch_from_args,
+    load_runconfig,
+    positive_int,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,36 +25,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=positive_int, default=10,
                    help="log a line every K steps when no progress bar is shown")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    add_launch_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.train.trainer import Trainer
-
     rc, dataset = load_runconfig(args.runconfig)
-    require_single_rank(rc, args.runconfig)
-    trainer = Trainer(rc, dataset=dataset)
-    history = []
-    bar = tqdm(total=args.steps, unit="step", desc=rc.label(), disable=None, leave=False)
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        r = trainer.step()
-        dt = time.perf_counter() - t0
-        history.append((r, dt))
-        bar.update(1)
-        bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens / dt:,.0f}")
-        if bar.disable and (r.step % args.log_every == 0 or r.step == args.steps):
-            log.info("step %d loss %.4f tokens %d tok/s %.0f", r.step, r.loss, r.tokens,
-                     r.tokens / dt)
-    bar.close()
-    tokens = sum(r.tokens for r, _ in history)
-    seconds = sum(dt for _, dt in history)
-    summary = {"config": rc.label(), "steps": len(history), "final_loss": history[-1][0].loss,
-               "losses": [r.loss for r, _ in history], "tokens": tokens,
-               "tokens_per_s": tokens / seconds, "wall_s": seconds}
+    launch = launch_from_args(rc, args)
+    if launch.world == 1:
+        from autotune.train.distributed import ParallelContext, init_parallel
+        from autotune.train.worker import train_loop
+
+        ctx: ParallelContext = init_parallel(rc)
+        summary, _ = train_loop(rc, ctx, steps=args.steps, log_every=args.log_every, fault=None)
+    else:
+        with tempfile.TemporaryDirectory(prefix="autotune-train-") as tmp:
+            out = Path(tmp) / "summary.json"
+            argv = launch.argv("autotune.train.worker", [
+                args.runconfig, "--mode", "train", "--steps", str(args.steps),
+                "--log-every", str(args.log_every), "--out", str(out)])
+            code = subprocess.run(argv, check=False).returncode
+            if code != 0 or not out.is_file():
+                print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
+                return 1
+            summary = json.loads(out.read_text())
+    if summary is None:  # not the node holding rank 0 of a multi-node run
+        return 0
     if args.json:
         print_json(summary)
     else:
-        print(f"{rc.label()}: {len(history)} steps, final loss {summary['final_loss']:.4f}, "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
+        print(f"{summary['config']}: {summary['steps']} steps on {summary['ranks']} rank(s), "
+              f"final loss {summary['final_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
     return 0

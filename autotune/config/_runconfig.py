@@ -35,9 +35,23 @@ class ScheduleConfig(BaseModel):
     chunkflow_k: PositiveInt = 1
     micro_batch_tokens: PositiveInt = 512
     micro_batch_size: PositiveInt = 8
+    rank_split: Literal["auto", "balanced", "arrival"] = Field(
+        "auto", description="how a global batch is shared among data-parallel ranks: by "
+        "estimated compute, in arrival order (a distributed sampler), or the policy's own "
+        "choice (compute for pack, skrull and chunkflow; arrival order for the padding "
+        "baselines, sorted dealing for sorted)")
 
 
 class ParallelConfig(BaseModel):
+    """Parallelism degrees on a (pp, dp, tp) device mesh.
+
+    ``zero_stage`` maps onto FSDP2 (the data-parallel dimension): 0 replicates parameters
+    (DDP through FSDP2's ``replicate``); 1 and 2 shard gradients and optimizer state and keep
+    parameters unsharded from forward to backward (``fully_shard(reshard_after_forward=
+    False)``; FSDP2 has no optimizer-only sharding, so stage 1 behaves as stage 2); 3 also
+    reshards parameters after forward (``fully_shard(reshard_after_forward=True)``).
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     dp: PositiveInt = 1
@@ -45,6 +59,7 @@ class ParallelConfig(BaseModel):
     pp: PositiveInt = 1
     cp: PositiveInt = 1
     zero_stage: int = Field(0, ge=0, le=3)
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
 
     @property
     def world_size(self) -> int:
@@ -123,7 +138,9 @@ class RunConfig(BaseModel):
         else:
             parts.append(f"mbt{s.micro_batch_tokens}")
         if p.world_size > 1:
-            parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}cp{p.cp}z{p.zero_stage}")
+            parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero_stage}")
+            if p.pp > 1:
+                parts.append(p.pp_schedule)
         if self.checkpointing.policy != "none":
             parts.append(f"ac-{self.checkpointing.policy}")
         parts.append(self.precision.dtype)
@@ -141,8 +158,22 @@ def rule_violations(rc: RunConfig) -> list[str]:
     dims = w.model.resolve()
     if dims.heads % p.tp or dims.kv_heads % p.tp:
         problems.append(f"tp={p.tp} does not divide heads={dims.heads} and kv_heads={dims.kv_heads}")
-    if dims.layers % p.pp:
+    if p.pp > dims.layers:
+        problems.append(f"pp={p.pp} is more than layers={dims.layers}: a stage needs a layer")
+    elif dims.layers % p.pp:
         problems.append(f"pp={p.pp} does not divide layers={dims.layers}")
+    if p.pp > 1 and s.policy == "chunkflow":
+        problems.append(f"pipeline schedule {p.pp_schedule} cannot run chunkflow: its dependent "
+                        f"chunks need key/value state and a reversed backward across "
+                        f"micro-batches, which pipeline schedules do not provide; use pack or "
+                        f"skrull with pp > 1")
+    if p.dp > 1 and p.zero_stage == 3 and s.policy == "chunkflow":
+        problems.append("zero_stage=3 with dp > 1 cannot run chunkflow: ZeRO-3 gathers "
+                        "parameters per forward and backward, so data-parallel ranks must run "
+                        "the same sequence of passes, and chunkflow's chunk groups differ per "
+                        "rank; use zero_stage 1 or 2")
+    if p.cp > 1:
+        problems.append(f"cp={p.cp}: context parallelism is not implemented by this trainer")
     if s.policy == "chunkflow" and s.chunk_size > s.micro_batch_tokens:
         problems.append(f"chunkflow needs chunk_size <= micro_batch_tokens "
                         f"(chunk_size={s.chunk_size}, micro_batch_tokens={s.micro_batch_tokens})")

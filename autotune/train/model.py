@@ -140,7 +140,9 @@ class Decoder(nn.Module):
         self.dims = dims
         self.checkpoint_layers = checkpoint_layers
         self.tok_embeddings = nn.Embedding(dims.vocab, dims.hidden)
-        self.layers = nn.ModuleList(Block(dims, attention) for _ in range(dims.layers))
+        # A dict keyed by global layer index (torchtitan's layout), so that a pipeline stage
+        # that keeps a slice of the layers keeps their names and checkpointing decisions.
+        self.layers = nn.ModuleDict({str(i): Block(dims, attention) for i in range(dims.layers)})
         self.norm = RMSNorm(dims.hidden, dims.norm_eps)
         self.output = nn.Linear(dims.hidden, dims.vocab, bias=False)
         if dims.tie_embeddings:
@@ -157,22 +159,29 @@ class Decoder(nn.Module):
                 std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 nn.init.normal_(p, std=std)
 
-    def forward(self, batch: PackedBatch, *, prefix_kv: list[KV] | None = None
-                ) -> tuple[torch.Tensor, list[KV]]:
-        cos, sin = self.rotary.angles(batch.positions)
-        h = self.tok_embeddings(batch.input_ids)
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, cu: tuple[int, ...],
+                   prefix_kv: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """The transformer blocks this module holds (all, or a pipeline stage's share)."""
+        cos, sin = self.rotary.angles(positions)
         kvs: list[KV] = []
-        for i, layer in enumerate(self.layers):
+        for i, (name, layer) in enumerate(self.layers.items()):
             prefix = prefix_kv[i] if prefix_kv is not None else None
-            if i < self.checkpoint_layers and torch.is_grad_enabled():
-                h, k, v = checkpoint(layer, h, cos, sin, batch.cu_seqlens, prefix,
-                                     use_reentrant=False)
+            if int(name) < self.checkpoint_layers and torch.is_grad_enabled():
+                h, k, v = checkpoint(layer, h, cos, sin, cu, prefix, use_reentrant=False)
             else:
-                h, k, v = layer(h, cos, sin, batch.cu_seqlens, prefix)
+                h, k, v = layer(h, cos, sin, cu, prefix)
             kvs.append((k, v))
+        return h, kvs
+
+    def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.norm(h))
         # Cross-entropy in at least float32 even under bf16 autocast.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss_sum = F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-        return loss_sum, kvs
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def forward(self, batch: PackedBatch, *, prefix_kv: list[KV] | None = None,
+                return_kv: bool = False) -> tuple[torch.Tensor, list[KV]]:
+        """Summed loss, and segment 0's keys and values per layer when ``return_kv``."""
+        h = self.tok_embeddings(batch.input_ids)
+        h, kvs = self.run_layers(h, batch.positions, batch.cu_seqlens, prefix_kv)
+        return self.loss_sum(h, batch.labels), (kvs if return_kv else [])

@@ -22,7 +22,10 @@ __all__ = ["StepExecutor", "materialize"]
 def materialize(mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
                 device: torch.device) -> PackedBatch:
     """Tensors of a micro-batch: inputs, next-token labels (IGNORE_INDEX on padding and on
-    each sequence's last token) and positions counted within each sequence."""
+    each sequence's last token) and positions counted within each sequence. An empty
+    micro-batch (a rank keeping step with its peers) becomes two ignored tokens."""
+    if not mb.segments:
+        return _empty_batch(device)
     total = mb.tokens
     ids = np.zeros(total, dtype=np.int64)
     labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
@@ -41,6 +44,12 @@ def materialize(mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
         cu.append(at)
     as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
     return PackedBatch(as_t(ids), as_t(labels), as_t(pos), tuple(cu))
+
+
+def _empty_batch(device: torch.device) -> PackedBatch:
+    zeros = torch.zeros(2, dtype=torch.long, device=device)
+    return PackedBatch(zeros, torch.full_like(zeros, IGNORE_INDEX), torch.arange(2, device=device),
+                       (0, 2))
 
 
 @dataclass
@@ -64,9 +73,13 @@ class StepExecutor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def run(self, plan: StepPlan, batch_ids: np.ndarray) -> StepOutput:
+    def run(self, plan: StepPlan, batch_ids: np.ndarray, *, grad_scale: float | None = None
+            ) -> StepOutput:
+        """Forward and backward of every unit. ``grad_scale`` multiplies each summed loss;
+        by default 1 / (target tokens of the global batch), the token mean. Data-parallel
+        callers pass dp / targets, since gradient reduction averages over ranks."""
         targets = int((self.seqs.lengths[batch_ids] - 1).sum())
-        scale = 1.0 / targets
+        scale = 1.0 / targets if grad_scale is None else grad_scale
         loss = torch.zeros((), dtype=torch.float64)
         for unit in plan.units:
             if isinstance(unit, ChunkGroup):
@@ -74,6 +87,14 @@ class StepExecutor:
             else:
                 loss += self._run_micro(unit, batch_ids, scale)
         return StepOutput(float(loss), targets)
+
+    def sync_pass(self) -> None:
+        """A two-token forward and backward whose loss is zero: under data parallelism it
+        carries the one gradient reduction of the step after all real micro-batches ran
+        without it, so ranks with different numbers of micro-batches reduce exactly once."""
+        with self._autocast():
+            loss_sum, _ = self.model(_empty_batch(self.device))
+        (loss_sum * 0.0).backward()
 
     def _run_micro(self, mb: MicroBatch, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
         batch = materialize(mb, self.seqs, batch_ids, self.device)
@@ -97,7 +118,7 @@ class StepExecutor:
             batch = materialize(chunk, self.seqs, batch_ids, self.device)
             prefix = state.prefix(j, leaves=with_grad)
             with torch.set_grad_enabled(with_grad), self._autocast():
-                loss_sum, kv = self.model(batch, prefix_kv=prefix)
+                loss_sum, kv = self.model(batch, prefix_kv=prefix, return_kv=True)
             if j < n - 1:  # the last chunk's keys are nobody's prefix
                 state.write(j, kv)
             if with_grad:
@@ -110,7 +131,7 @@ class StepExecutor:
                 batch = materialize(group.chunks[j], self.seqs, batch_ids, self.device)
                 prefix = state.prefix(j, leaves=True)
                 with self._autocast():
-                    loss_sum, kv = self.model(batch, prefix_kv=prefix)
+                    loss_sum, kv = self.model(batch, prefix_kv=prefix, return_kv=True)
             outs, grads = [loss_sum * scale], [torch.ones((), dtype=loss_sum.dtype)]
             if j < n - 1:
                 for (k, v), (gk, gv) in zip(kv, state.grads_of(j)):

@@ -1,21 +1,32 @@
-"""The reference trainer: data, model, optimizer and one step at a time."""
+"""The reference trainer: data, model, parallelism, optimizer, and one step at a time."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from autotune.config import RunConfig
-from autotune.data import Dataset, StepPlan, global_batches, load_dataset, make_policy
+from autotune.data import (
+    Dataset,
+    MicroBatch,
+    StepPlan,
+    global_batches,
+    load_dataset,
+    make_policy,
+)
+from autotune.data.cost import plan_flops
+from autotune.train.distributed import ParallelContext
 from autotune.train.flops import model_flops
 from autotune.train.model import Decoder
+from autotune.train.parallelize import parallelize
+from autotune.train.pipeline import PipelineRunner, StageModule
 from autotune.train.step import StepExecutor
 
-__all__ = ["StepResult", "Trainer"]
+__all__ = ["StepResult", "Trainer", "clip_grad_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -24,73 +35,183 @@ log = logging.getLogger(__name__)
 class StepResult:
     step: int
     loss: float  # token-mean cross-entropy over the global batch
-    tokens: int  # real tokens, padding excluded
-    padded_tokens: int  # tokens the model processed, padding included
-    micro_batches: int
-    recomputed_tokens: int
+    tokens: int  # real tokens of the global batch, padding excluded
+    padded_tokens: int  # tokens all ranks processed, padding included
+    micro_batches: int  # on this rank
+    recomputed_tokens: int  # on this rank
     max_seq_len: int
     schedule_s: float
-    model_flops: float
+    model_flops: float  # of the global batch
     batch_ids: np.ndarray  # which sequences the step trained on
+    compute_s: float = 0.0  # this rank's forward/backward before the gradient reduction
+    rank_flops: list[float] = field(default_factory=list)  # estimated, per data-parallel rank
+    grad_norm: float | None = None  # before clipping; None when clipping is off
+
+
+def _copies(t: torch.Tensor, ctx: ParallelContext) -> int:
+    """How many ranks hold this exact tensor: every rank of its pipeline stage for a plain
+    tensor, else the stage ranks outside its mesh times its replicated mesh dims."""
+    stage_ranks = ctx.dp * ctx.tp
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return stage_ranks
+    replicated = 1
+    for size, placement in zip(mesh.mesh.shape, t.placements):
+        if placement.is_replicate():
+            replicated *= size
+    return stage_ranks // mesh.size() * replicated
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
+                   ctx: ParallelContext) -> float:
+    """Clip by the norm over the whole model: shards (DTensor, tensor- and data-parallel)
+    and pipeline stages included. Each rank sums the squares of its local shards, each
+    divided by its number of identical copies, so that one all-reduce over all ranks gives
+    the global sum (instead of one reduction per sharded parameter)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    for g in grads:
+        local = g.to_local() if hasattr(g, "to_local") else g
+        sq += torch.linalg.vector_norm(local, dtype=torch.float32).square() / _copies(g, ctx)
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        local = g.to_local() if hasattr(g, "to_local") else g
+        local.mul_(coef.to(local.dtype))
+    return float(norm)
 
 
 class Trainer:
-    """Builds everything a RunConfig names and trains it step by step.
+    """Builds everything a RunConfig names and trains it step by step, on one process or as
+    one rank of many (``ctx``).
 
     Deterministic by ``rc.seed``: initial weights and the order of global batches follow it,
-    so two trainers of one RunConfig see the same data and start from the same weights.
+    every rank builds the full model from the same seed before taking its shard, and every
+    rank plans the same global batch, then runs its data-parallel share.
     """
 
     def __init__(self, rc: RunConfig, *, dataset: Dataset | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, ctx: ParallelContext | None = None):
         self.rc = rc
         self.dims = rc.workload.model.resolve()
-        self.device = device or torch.device(rc.workload.hardware.device)
+        self.ctx = ctx or ParallelContext(device=device or torch.device(rc.workload.hardware.device))
+        self.device = self.ctx.device
         self.dataset = dataset if dataset is not None else load_dataset(rc.workload.data, self.dims)
         torch.manual_seed(rc.seed)
-        self.model = Decoder(self.dims, attention=rc.kernels.attention,
-                             checkpoint_layers=rc.checkpointing.checkpointed_layers(self.dims.layers)
-                             ).to(self.device)
+        decoder = Decoder(self.dims, attention=rc.kernels.attention,
+                          checkpoint_layers=rc.checkpointing.checkpointed_layers(self.dims.layers)
+                          ).to(self.device)
+        autocast = torch.bfloat16 if rc.precision.dtype == "bf16" else None
+        self.pipeline: PipelineRunner | None = None
+        if self.ctx.pp > 1:
+            from autotune.train.parallelize import split_pipeline_stage
+
+            split_pipeline_stage(decoder, stage=self.ctx.pp_rank, stages=self.ctx.pp)
+            self.model: torch.nn.Module = parallelize(StageModule(decoder), rc, self.ctx)
+            self.pipeline = PipelineRunner(self.model, self.ctx, schedule=rc.parallel.pp_schedule,
+                                           autocast_dtype=autocast)
+        else:
+            self.model = parallelize(decoder, rc, self.ctx)
         opt = rc.optimizer
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
-                                           betas=(opt.beta1, opt.beta2),
-                                           weight_decay=opt.weight_decay, foreach=True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # foreach kernels refuse lists that mix DTensor and plain parameters, which tensor
+        # parallelism alone leaves (sharded projections beside replicated norms).
+        kinds = {hasattr(p, "full_tensor") for p in self.params}
+        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                           weight_decay=opt.weight_decay, foreach=len(kinds) == 1)
         self.policy = make_policy(rc, self.dims, data_max_len=self.dataset.max_len)
         self.batches = global_batches(self.dataset.lengths,
                                       global_batch_tokens=rc.workload.budget.global_batch_tokens,
                                       seed=rc.seed)
-        autocast = torch.bfloat16 if rc.precision.dtype == "bf16" else None
         self.executor = StepExecutor(self.model, self.dataset.sequences, device=self.device,
                                      autocast_dtype=autocast)
+        p = rc.parallel
+        self._lockstep = self.ctx.dp > 1 and (p.zero_stage == 3 or self.ctx.pp > 1)
+        # ZeRO 1/2: parameters stay gathered from the first forward to the step's gradient
+        # reduction, so micro-batches issue no collectives and ranks need not keep step.
+        self._hold_unsharded = self.ctx.dp > 1 and self.ctx.pp == 1 and p.zero_stage in (1, 2)
         self.step_count = 0
 
     def _lr_scale(self) -> float:
         warm = self.rc.optimizer.warmup_steps
         return min(1.0, (self.step_count + 1) / warm) if warm else 1.0
 
-    def next_plan(self, batch_ids: np.ndarray | None = None) -> tuple[np.ndarray, StepPlan, float]:
-        """The next global batch (or the given one), its plan, and the seconds planning took."""
+    def next_plans(self, batch_ids: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, list[StepPlan], float]:
+        """The next global batch (or the given one), one plan per data-parallel rank, and the
+        seconds planning took."""
         ids = next(self.batches) if batch_ids is None else batch_ids
         t0 = time.perf_counter()
-        plan = self.policy.plan(self.dataset.lengths[ids])
-        return ids, plan, time.perf_counter() - t0
+        plans = self.policy.plan_ranks(self.dataset.lengths[ids], self.ctx.dp)
+        if self._lockstep:
+            # Sharded parameters are gathered per micro-batch and pipeline peers exchange
+            # per micro-batch: every data-parallel rank must run as many as the busiest one.
+            most = max(p.n_micro for p in plans)
+            for p in plans:
+                p.units += [MicroBatch(())] * (most - p.n_micro)
+        return ids, plans, time.perf_counter() - t0
+
+    def next_plan(self, batch_ids: np.ndarray | None = None) -> tuple[np.ndarray, StepPlan, float]:
+        ids, plans, sched_s = self.next_plans(batch_ids)
+        return ids, plans[self.ctx.dp_rank], sched_s
+
+    def _forward_backward(self, plan: StepPlan, ids: np.ndarray, targets: int) -> float:
+        scale = self.ctx.dp / targets  # gradient reduction averages over dp ranks
+        if self.pipeline is not None:
+            return self.pipeline.run(plan, self.dataset.sequences, ids, grad_scale=scale)
+        if self.ctx.dp > 1:
+            self.model.set_requires_gradient_sync(False)
+            if self._hold_unsharded:
+                self.model.set_reshard_after_backward(False)
+        return self.executor.run(plan, ids, grad_scale=scale).loss_sum
+
+    def _reduce_grads(self) -> None:
+        if self.pipeline is None and self.ctx.dp > 1:
+            self.model.set_requires_gradient_sync(True)
+            if self._hold_unsharded:
+                self.model.set_reshard_after_backward(True)
+            self.executor.sync_pass()
+
+    def _global_loss_sum(self, local: float) -> float:
+        if not self.ctx.distributed:
+            return local
+        import torch.distributed as dist
+
+        # Counted once per data-parallel replica: by its last stage's first tp rank.
+        counts = self.ctx.is_last_stage and self.ctx.tp_rank == 0
+        t = torch.tensor([local if counts else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
 
     def step(self, batch_ids: np.ndarray | None = None) -> StepResult:
         """One optimizer step on the next global batch, or on ``batch_ids`` (a replay that
         leaves the stream where it was)."""
-        ids, plan, sched_s = self.next_plan(batch_ids)
+        ids, plans, sched_s = self.next_plans(batch_ids)
+        plan = plans[self.ctx.dp_rank]
+        lengths = self.dataset.lengths[ids]
+        targets = int((lengths - 1).sum())
         for group in self.optimizer.param_groups:
             group["lr"] = self.rc.optimizer.lr * self._lr_scale()
-        out = self.executor.run(plan, ids)
+        t0 = time.perf_counter()
+        local_loss = self._forward_backward(plan, ids, targets)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_s = time.perf_counter() - t0
+        self._reduce_grads()
+        grad_norm = None
         if self.rc.optimizer.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.rc.optimizer.grad_clip,
-                                           foreach=True)
+            grad_norm = clip_grad_norm(self.params, self.rc.optimizer.grad_clip, self.ctx)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lengths = self.dataset.lengths[ids]
         self.step_count += 1
         return StepResult(
-            step=self.step_count, loss=out.loss_sum / out.targets, tokens=int(lengths.sum()),
-            padded_tokens=plan.tokens, micro_batches=plan.n_micro,
-            recomputed_tokens=plan.recomputed_tokens(), max_seq_len=int(lengths.max()),
-            schedule_s=sched_s, model_flops=model_flops(self.dims, lengths), batch_ids=ids)
+            step=self.step_count, loss=self._global_loss_sum(local_loss) / targets,
+            tokens=int(lengths.sum()), padded_tokens=sum(p.tokens for p in plans),
+            micro_batches=plan.n_micro, recomputed_tokens=plan.recomputed_tokens(),
+            max_seq_len=int(lengths.max()), schedule_s=sched_s,
+            model_flops=model_flops(self.dims, lengths), batch_ids=ids, compute_s=compute_s,
+            rank_flops=[plan_flops(p, self.dims) for p in plans], grad_norm=grad_norm)

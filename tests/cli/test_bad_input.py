@@ -72,6 +72,25 @@ CASES = {
                        "line 3: malformed JSON"),
     "degrees vs devices": (dict(edit=_set("parallel", {"dp": 2, "tp": 1})),
                            "dp*tp*pp*cp = 2*1*1*1 = 2 does not match the 1 devices"),
+    "tp vs kv heads": (dict(edit=lambda c: (c["workload"]["hardware"].update(devices_per_node=2),
+                                           c.update(parallel={"tp": 2}))),
+                       "tp=2 does not divide heads=2 and kv_heads=1"),
+    "pp above layers": (dict(edit=lambda c: (c["workload"]["hardware"].update(devices_per_node=2),
+                                            c.update(parallel={"pp": 2}))),
+                        "pp=2 is more than layers=1"),
+    "pipeline with chunkflow": (
+        dict(edit=lambda c: (c["workload"]["model"].update(layers=2),
+                             c["workload"]["hardware"].update(devices_per_node=2),
+                             c.update(parallel={"pp": 2}))),
+        "pipeline schedule 1f1b cannot run chunkflow"),
+    "zero3 with chunkflow": (
+        dict(edit=lambda c: (c["workload"]["hardware"].update(devices_per_node=2),
+                             c.update(parallel={"dp": 2, "zero_stage": 3}))),
+        "zero_stage=3 with dp > 1 cannot run chunkflow"),
+    "too many ranks for the host": (
+        dict(edit=lambda c: (c["workload"]["hardware"].update(devices_per_node=64),
+                             c.update(parallel={"dp": 64}))),
+        "64 CPU ranks on"),
     "yaml syntax": (dict(edit=None), None),  # replaced below with a broken file
 }
 
@@ -108,7 +127,9 @@ def test_bad_runconfig(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
     (["run", "--workload", "nowhere"], "--workload 'nowhere' is neither a file nor a preset"),
     (["run", "--budget-trials", "0"], "expected a positive integer, got 0"),
     (["run", "--out", "{tmp}/bad name!"], "must be 1-128 letters, digits"),
-    (["run", "--nproc", "2"], "this trainer runs a single rank"),
+    (["run", "--nproc", "99"], "99 CPU ranks on"),
+    (["measure", "{cfg}", "--nproc", "2"], "2 processes x 1 nodes = 2 ranks, but dp*tp*pp*cp = 1"),
+    (["train", "{cfg}", "--nnodes", "2", "--nproc", "1"], "--nnodes > 1 needs --rdzv-endpoint"),
 ])
 def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
                    expected: str) -> None:

@@ -16,6 +16,7 @@ from autotune.config import (
     Workload,
     dump_yaml,
     load_yaml,
+    rule_violations,
 )
 from autotune.errors import UserError
 
@@ -169,3 +170,10 @@ def test_search_space_grid_is_valid_and_refuses_with_the_rule() -> None:
     bad = rc.model_copy(deep=True)
     bad.schedule.policy = "sorted"
     assert "policy='sorted' is not among the choices" in space.violations(bad)[0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_examples_in_the_readme_are_valid(path: Path) -> None:
+    rc = load_yaml(RunConfig, path)
+    assert rule_violations(rc) == []

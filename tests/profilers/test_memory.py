@@ -41,3 +41,12 @@ def test_activations_saved_for_backward_are_counted() -> None:
     assert mt.baseline_bytes == 64 * 256 * 4
     # At its peak: weight, h, and relu's output alive together (x predates the tracker).
     assert mt.peak_bytes >= 64 * 256 * 4 + 2 * 131072
+
+
+def test_wrapper_subclasses_count_their_local_storage() -> None:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a, b = torch.zeros(100), torch.zeros(100)  # 400 B + 400 B inside one wrapper
+    with TensorMemoryTracker(existing=[TwoTensor(a, b)]) as mt:
+        pass
+    assert mt.baseline_bytes == 800

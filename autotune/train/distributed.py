@@ -1,0 +1,105 @@
+"""The process group and device mesh of a run, from torchrun's environment and the RunConfig."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autotune.config import RunConfig
+
+__all__ = ["ParallelContext", "init_parallel", "shutdown_parallel"]
+
+MESH_DIMS = ("pp", "dp", "tp")  # outermost to innermost, as torchtitan orders them
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits: its device, its coordinates on the (pp, dp, tp) mesh, and
+    the sub-meshes each parallelism uses. A single process has a context too (no mesh)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh when world > 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def submesh(self, name: str) -> Any:
+        return self.mesh[name]
+
+    def group(self, name: str) -> Any:
+        return self.mesh.get_group(name)
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _cpu_threads(rc: RunConfig) -> None:
+    # Ranks sharing a machine must share its cores: oversubscribed OpenMP pools spin against
+    # each other and run an order of magnitude slower.
+    if rc.workload.hardware.cpu_threads:
+        torch.set_num_threads(rc.workload.hardware.cpu_threads)
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def init_parallel(rc: RunConfig) -> ParallelContext:
+    """Join the process group torchrun set up (if any) and build the device mesh."""
+    # FSDP2 warns when a wrapped module returns views: ChunkFlow's per-layer keys and values
+    # of segment 0 are slices that are only ever read (copied into the chunk state).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    kind = rc.workload.hardware.device
+    _cpu_threads(rc)
+    device = _device(kind)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    p = rc.parallel
+    if world != p.world_size:
+        raise RuntimeError(f"launched with {world} ranks but dp*tp*pp*cp = {p.world_size}")
+    if world == 1:
+        return ParallelContext(device=device)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=(
+            device if kind == "cuda" else None))
+    mesh = init_device_mesh(kind, (p.pp, p.dp, p.tp), mesh_dim_names=MESH_DIMS)
+    coords = mesh.get_coordinate()
+    return ParallelContext(device=device, rank=dist.get_rank(), world=world, pp=p.pp, dp=p.dp,
+                           tp=p.tp, pp_rank=coords[0], dp_rank=coords[1], tp_rank=coords[2],
+                           mesh=mesh)
+
+
+def shutdown_parallel(ctx: ParallelContext) -> None:
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

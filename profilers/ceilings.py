@@ -1,5 +1,6 @@
-"""Matmul ceilings: the FLOP/s this machine really reaches, measured once per fingerprint and
-stored; and the datasheet peaks of common GPUs, for MFU against the vendor's figure.
+"""Hardware ceilings: the matmul FLOP/s and the memory copy bandwidth this machine really
+reaches, each measured once per fingerprint and stored; and the datasheet figures of common
+accelerators, for MFU and bandwidth utilization against the vendor's numbers.
 """
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -21,11 +24,27 @@ from profilers.timer import StepTimer, summarize
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Ceiling", "CeilingStore", "datasheet_peak", "matmul_ceiling", "measure_matmul_ceiling"]
+__all__ = [
+    "Accelerator",
+    "Bandwidth",
+    "BandwidthStore",
+    "Ceiling",
+    "CeilingStore",
+    "copy_bandwidth",
+    "datasheet",
+    "datasheet_peak",
+    "matmul_ceiling",
+    "measure_copy_bandwidth",
+    "measure_matmul_ceiling",
+]
 
 Dtype = Literal["fp32", "bf16"]
 _DTYPES: tuple[str, ...] = ("fp32", "bf16")
 _DEFAULT_SIZES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}
+# Copy buffers larger than the last-level cache (tens to a few hundred MiB on server CPUs,
+# 40-60 MiB of L2 on data-centre GPUs), so the copy streams from and to device memory. CPUs
+# with stacked cache (AMD X3D parts, up to ~1 GiB of L3 per socket pair) need size_bytes.
+_DEFAULT_COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 # Discarded runs: cuBLAS builds its handle and picks its kernel on the first calls; a CPU BLAS
 # only needs one run to fault in the operands and spin up its thread pool.
 _WARMUP_RUNS = {"cpu": 1, "cuda": 2}
@@ -127,14 +146,19 @@ def _time_size(
     a = torch.randn(n, n, dtype=torch_dtype, device=device, generator=gen)
     b = torch.randn(n, n, dtype=torch_dtype, device=device, generator=gen)
     out = torch.empty(n, n, dtype=torch_dtype, device=device)  # no allocator work in the loop
+    return _repeat_timed(lambda: torch.matmul(a, b, out=out), device_kind, min_time_s)
+
+
+def _repeat_timed(run: Callable[[], Any], device_kind: str, min_time_s: float) -> list[float]:
+    """Discard the warm-up runs, then time batches of runs until ``min_time_s`` of wall time."""
     for _ in range(_WARMUP_RUNS[device_kind]):
-        torch.matmul(a, b, out=out)
+        run()
     timer = StepTimer(device_kind)
     start = time.perf_counter()
     while True:
         for _ in range(_BATCH_RUNS):
             with timer.step():
-                torch.matmul(a, b, out=out)
+                run()
         samples = timer.samples
         if time.perf_counter() - start >= min_time_s:
             return samples
@@ -181,19 +205,22 @@ class CeilingStore:
         atomic_write_text(self.path, _StoreFile.dump_json(data, indent=2).decode("utf-8") + "\n")
 
     def _load(self) -> dict[str, dict[str, Ceiling]]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        try:
-            return _StoreFile.validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "top level"
-            raise ValueError(
-                f"{self.path} is not a valid ceilings file ({where}: {first['msg']}); "
-                "delete it to re-measure"
-            ) from None
+        return _load_store(self.path, _StoreFile, "ceilings")
+
+
+def _load_store(path: Path, adapter: TypeAdapter[Any], what: str) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        return adapter.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
+        raise ValueError(
+            f"{path} is not a valid {what} file ({where}: {first['msg']}); delete it to re-measure"
+        ) from None
 
 
 def matmul_ceiling(
@@ -226,25 +253,213 @@ def _default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "autotune"
 
 
-# Dense (no structured sparsity) tensor-core peaks from NVIDIA's datasheets, in TFLOP/s.
-# "fp32" is the TF32 tensor-core figure: that is what fp32 matmuls reach when TF32 is
-# allowed, and the only fp32 figure an MFU against tensor-core peak makes sense for; plain
-# FP32 (CUDA cores) is 5-15x lower. RTX 4090 is the GeForce figure with FP32 accumulation,
-# which training uses (FP16 accumulation is twice as fast). A100-SXM 40 GB and 80 GB share
-# peaks, so both match that row.
-_DATASHEET_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
+class Bandwidth(BaseModel):
+    """A measured device-memory copy bandwidth, counted as STREAM copy counts it: every copied
+    byte is read once and written once, so ``bytes_per_s`` is 2 x size / median copy time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_kind: Literal["cpu", "cuda"]
+    bytes_per_s: float = Field(gt=0, description="read + write bytes per second")
+    size_bytes: int = Field(gt=0, description="bytes in the source buffer (and in the target)")
+    samples_s: list[float] = Field(min_length=1, description="every timed copy")
+    method: str
+    fingerprint_key: str
+
+
+def measure_copy_bandwidth(
+    device_kind: Literal["cpu", "cuda"] = "cpu",
+    *,
+    size_bytes: int | None = None,
+    min_time_s: float = 0.3,
+) -> Bandwidth:
+    """Measure the memory bandwidth of ``dst.copy_(src)`` between two large buffers.
+
+    Warm-up copies are discarded (they fault in the target's pages); timed copies repeat
+    until ``min_time_s`` of wall time and the median gives 2 x ``size_bytes`` / median.
+    On CUDA the copies are timed with CUDA events (StepTimer) on device 0.
+
+    Args:
+        device_kind: ``"cpu"`` or ``"cuda"`` (device 0).
+        size_bytes: bytes per buffer; default 256 MiB on CPU, 1 GiB on CUDA.
+        min_time_s: timed wall time.
+
+    Returns:
+        The Bandwidth, keyed by the current fingerprint.
+    """
+    import torch
+
+    fp = current_fingerprint(device_kind)  # first: it refuses an unknown or absent device
+    size = size_bytes if size_bytes is not None else _DEFAULT_COPY_BYTES[device_kind]
+    if size <= 0:
+        raise ValueError(f"size_bytes={size} must be positive")
+    device = "cuda" if device_kind == "cuda" else "cpu"
+    device_ctx: AbstractContextManager[object] = (
+        torch.cuda.device(0) if device_kind == "cuda" else nullcontext()
+    )
+    with device_ctx:
+        src = torch.full((size,), 1, dtype=torch.uint8, device=device)  # touched: pages resident
+        dst = torch.empty_like(src)
+        samples = _repeat_timed(lambda: dst.copy_(src), device_kind, min_time_s)
+    threads = f", {torch.get_num_threads()} threads" if device_kind == "cpu" else ""
+    method = (
+        f"dst.copy_(src) of {size} bytes on {device_kind}{threads}, median of {len(samples)} "
+        f"timed copies after {_WARMUP_RUNS[device_kind]} warm-up copies; read + write bytes "
+        "(2 x size) per copy, as STREAM copy"
+    )
+    return Bandwidth(
+        device_kind=device_kind,
+        bytes_per_s=2 * size / summarize(samples).median,
+        size_bytes=size,
+        samples_s=samples,
+        method=method,
+        fingerprint_key=fp.key(),
+    )
+
+
+_BandwidthFile = TypeAdapter(dict[str, Bandwidth])
+
+
+class BandwidthStore:
+    """Copy bandwidths on disk: ``root/bandwidth.json`` maps fingerprint key -> Bandwidth.
+
+    Written atomically like CeilingStore, and beside it in the same cache folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / "bandwidth.json"
+
+    def get(self, fp: Fingerprint) -> Bandwidth | None:
+        """The bandwidth stored for exactly this fingerprint, or None."""
+        data: dict[str, Bandwidth] = _load_store(self.path, _BandwidthFile, "bandwidth")
+        return data.get(fp.key())
+
+    def put(self, bandwidth: Bandwidth) -> None:
+        """Store ``bandwidth`` under its own fingerprint key, replacing any there."""
+        data: dict[str, Bandwidth] = _load_store(self.path, _BandwidthFile, "bandwidth")
+        data[bandwidth.fingerprint_key] = bandwidth
+        text = _BandwidthFile.dump_json(data, indent=2).decode("utf-8") + "\n"
+        atomic_write_text(self.path, text)
+
+
+def copy_bandwidth(
+    device_kind: Literal["cpu", "cuda"] = "cpu", *, cache_dir: Path | None = None
+) -> Bandwidth:
+    """The stored copy bandwidth of this machine, measured and stored first if absent.
+
+    Args:
+        device_kind: ``"cpu"`` or ``"cuda"``.
+        cache_dir: where ``bandwidth.json`` lives; default ``$AUTOTUNE_CACHE_DIR`` or
+            ``~/.cache/autotune``.
+
+    Example:
+        >>> copy_bandwidth("cpu").bytes_per_s  # doctest: +SKIP
+        1.9e10
+    """
+    store = BandwidthStore(cache_dir if cache_dir is not None else _default_cache_dir())
+    cached = store.get(current_fingerprint(device_kind))
+    if cached is not None:
+        return cached
+    bandwidth = measure_copy_bandwidth(device_kind)
+    store.put(bandwidth)
+    return bandwidth
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    """One accelerator's datasheet figures; FLOP/s are dense (no structured sparsity).
+
+    Attributes:
+        name: the table's own name ("H100-SXM").
+        memory_gb: device memory in GB (10^9 bytes, as datasheets count).
+        bf16_tflops: BF16 on tensor / matrix cores, FP32 accumulation.
+        fp32_matrix_tflops: what an fp32 matmul reaches on tensor / matrix cores: TF32 on
+            NVIDIA, FP32 matrix (MFMA) on AMD CDNA. This is the figure the ``"fp32"`` dtype
+            means throughout autotune.
+        fp32_vector_tflops: plain FP32 on CUDA cores / vector units, no tensor cores.
+        memory_bandwidth_gbs: device memory bandwidth in GB/s.
+        interconnect: the GPU-to-GPU link of the usual configuration of this part.
+        interconnect_gbs: that link's bandwidth per GPU, GB/s, both directions together.
+    """
+
+    name: str
+    memory_gb: float
+    bf16_tflops: float
+    fp32_matrix_tflops: float
+    fp32_vector_tflops: float
+    memory_bandwidth_gbs: float
+    interconnect: str
+    interconnect_gbs: float
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for ``"bf16"``, or ``"fp32"`` meaning tensor / matrix cores."""
+        _check_dtype(dtype)
+        return (self.bf16_tflops if dtype == "bf16" else self.fp32_matrix_tflops) * 1e12
+
+
+# Sources: NVIDIA A100, H100, H200 and L40S datasheets, the Ada Lovelace architecture
+# whitepaper (RTX 4090, GeForce figures with FP32 accumulation, which training uses; FP16
+# accumulation is twice as fast) and AMD's Instinct MI250X specifications. Datasheets quote
+# tensor-core figures with 2:4 sparsity; the dense figure is half of that. Names are matched
+# against torch.cuda.get_device_name() lower-cased, with runs of spaces, '_' and '-' made one
+# space; the first matching row wins, so the 40 GB A100 rows come before the 80 GB ones.
+# PCIe cards list PCIe as their interconnect: an NVLink bridge pairs at most two of them.
+_NVLINK3, _NVLINK4 = ("NVLink 3", 600.0), ("NVLink 4", 900.0)
+_PCIE4, _PCIE5 = ("PCIe Gen4 x16", 64.0), ("PCIe Gen5 x16", 128.0)
+_INFINITY_FABRIC = ("Infinity Fabric", 800.0 / 2)  # per GCD: half of the package's 8 links
+
+
+def _row(name: str, mem: float, bf16: float, fp32_matrix: float, fp32_vector: float,
+         bw: float, link: tuple[str, float]) -> Accelerator:
+    return Accelerator(name, float(mem), bf16, fp32_matrix, fp32_vector, float(bw), *link)
+
+
+_DATASHEET: tuple[tuple[str, Accelerator], ...] = (
     (
-        "H100-SXM",
         r"\bh100\b(?!.*\b(pcie|nvl)\b).*\b(sxm\d?|hbm3)\b",
-        {"bf16": 989.4, "fp32": 494.7},
+        _row("H100-SXM", 80, 989.4, 494.7, 67.0, 3350, _NVLINK4),
     ),
-    ("H100-PCIe", r"\bh100\b.*\bpcie\b", {"bf16": 756.5, "fp32": 378.0}),
-    ("H200", r"\bh200\b(?!.*\bnvl\b)", {"bf16": 989.4, "fp32": 494.7}),
-    ("A100-SXM-80GB", r"\ba100\b.*\bsxm\d?\b", {"bf16": 312.0, "fp32": 156.0}),
-    ("A100-PCIe", r"\ba100\b.*\bpcie\b", {"bf16": 312.0, "fp32": 156.0}),
-    ("L40S", r"\bl40s\b", {"bf16": 362.05, "fp32": 183.0}),
-    ("RTX-4090", r"\brtx 4090\b(?!.*\b(d|laptop)\b)", {"bf16": 165.2, "fp32": 82.6}),
+    (r"\bh100\b.*\bpcie\b", _row("H100-PCIe", 80, 756.5, 378.0, 51.0, 2000, _PCIE5)),
+    (r"\bh200\b(?!.*\bnvl\b)", _row("H200", 141, 989.4, 494.7, 67.0, 4800, _NVLINK4)),
+    (
+        r"\ba100\b(?=.*\b40gb\b).*\bsxm\d?\b",
+        _row("A100-SXM-40GB", 40, 312.0, 156.0, 19.5, 1555, _NVLINK3),
+    ),
+    (r"\ba100\b.*\bsxm\d?\b", _row("A100-SXM-80GB", 80, 312.0, 156.0, 19.5, 2039, _NVLINK3)),
+    (
+        r"\ba100\b(?=.*\b40gb\b).*\bpcie\b",
+        _row("A100-PCIe-40GB", 40, 312.0, 156.0, 19.5, 1555, _PCIE4),
+    ),
+    (r"\ba100\b.*\bpcie\b", _row("A100-PCIe", 80, 312.0, 156.0, 19.5, 1935, _PCIE4)),
+    (r"\bl40s\b", _row("L40S", 48, 362.05, 183.0, 91.6, 864, _PCIE4)),
+    (r"\brtx 4090\b(?!.*\b(d|laptop)\b)", _row("RTX-4090", 24, 165.2, 82.6, 82.6, 1008, _PCIE4)),
+    # torch sees each of the MI250X's two dies (GCDs) as one device, reported as "AMD Instinct
+    # MI250X" or "AMD Instinct MI250X/MI250": the figures are per GCD, half of the package's
+    # 128 GB, 3276.8 GB/s, 383 BF16, 95.7 FP32 matrix, 47.9 FP32 vector TFLOP/s and 8 x 100
+    # GB/s Infinity Fabric links.
+    (
+        r"\bmi250x\b",
+        _row("MI250X-GCD", 128 / 2, 383.0 / 2, 95.7 / 2, 47.9 / 2, 3276.8 / 2, _INFINITY_FABRIC),
+    ),
 )
+
+
+def datasheet(device_name: str) -> Accelerator | None:
+    """The datasheet row of a known accelerator, or None for one not in the table.
+
+    Args:
+        device_name: as ``torch.cuda.get_device_name`` reports it ("NVIDIA H100 80GB HBM3")
+            or a table name ("H100-SXM").
+
+    Example:
+        >>> datasheet("NVIDIA H100 80GB HBM3").memory_bandwidth_gbs
+        3350.0
+    """
+    name = re.sub(r"[\s_\-]+", " ", device_name.lower()).strip()
+    for pattern, row in _DATASHEET:
+        if re.search(pattern, name):
+            return row
+    return None
 
 
 def datasheet_peak(device_name: str, dtype: str) -> float | None:
@@ -253,15 +468,12 @@ def datasheet_peak(device_name: str, dtype: str) -> float | None:
     Args:
         device_name: as ``torch.cuda.get_device_name`` reports it ("NVIDIA H100 80GB HBM3")
             or a table name ("H100-SXM").
-        dtype: ``"bf16"``, or ``"fp32"`` meaning TF32 tensor cores.
+        dtype: ``"bf16"``, or ``"fp32"`` meaning TF32 tensor cores (FP32 matrix cores on AMD).
 
     Example:
         >>> datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16")
         312000000000000.0
     """
     _check_dtype(dtype)
-    name = re.sub(r"[\s_\-]+", " ", device_name.lower()).strip()
-    for _, pattern, peaks in _DATASHEET_TFLOPS:
-        if re.search(pattern, name):
-            return peaks[dtype] * 1e12
-    return None
+    row = datasheet(device_name)
+    return row.peak_flops(dtype) if row is not None else None

@@ -28,6 +28,7 @@ from profilers.fingerprint import current_fingerprint
 from profilers.memory import TensorMemoryTracker
 from profilers.records import Measurement, Status
 from profilers.store import atomic_write_bytes, atomic_write_text
+from profilers.telemetry import Telemetry, energy_per_token
 from profilers.timer import StepTimer, summarize
 
 __all__ = ["main"]
@@ -90,6 +91,19 @@ def _imbalance(ctx: ParallelContext, per_rank: list[list[float]], rc: RunConfig
     return float(np.median(ratios)), replica_means.tolist()
 
 
+def _telemetry(kind: str, ctx: ParallelContext) -> Telemetry:
+    """A sampler of this rank's own device (and of the host), chosen by UUID on CUDA."""
+    if kind != "cuda":
+        # Sparse on a CPU: the sampler shares the cores it measures, and each wake-up can
+        # stall a BLAS thread team; RSS and CPU use change slowly anyway.
+        return Telemetry("cpu", interval_s=0.5)
+    index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+    if uuid and not uuid.startswith(("GPU-", "MIG-")):
+        uuid = f"GPU-{uuid}"  # torch prints the bare UUID, NVML wants it prefixed
+    return Telemetry("cuda", device_index=index, device_uuid=uuid or None)
+
+
 def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: int,
                   fault: Fault | None) -> Measurement | None:
     kind = rc.workload.hardware.device
@@ -103,12 +117,16 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(kind)
     results: list[StepResult] = []
-    for i in range(steps):
-        if fault:
-            fault.maybe_fire(rank=ctx.rank, step=warmup + i + 1)
-        with timer.step():
-            results.append(trainer.step())
-    samples = timer.samples
+    # Every rank samples its own device, not only rank 0: the run's energy is the sum of its
+    # devices' energy counters, and rank 0 alone would understate it by the world size.
+    with _telemetry(kind, ctx) as telemetry:
+        for i in range(steps):
+            if fault:
+                fault.maybe_fire(rank=ctx.rank, step=warmup + i + 1)
+            with timer.step():
+                results.append(trainer.step())
+        samples = timer.samples  # on CUDA this synchronizes, so the window holds all the work
+    tele = telemetry.summary()
     extra: dict = {}
     if kind == "cuda":
         peak_mem = int(torch.cuda.max_memory_allocated())
@@ -117,7 +135,7 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         peak_mem, extra = _peak_tensor_memory(trainer, heaviest.batch_ids)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = _gather(ctx, (peak_mem, peak_rss, [r.compute_s for r in results],
-                             [r.micro_batches for r in results]))
+                             [r.micro_batches for r in results], tele.energy_j))
     if ctx.rank != 0:
         return None
     stats = summarize(samples)
@@ -125,6 +143,8 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
     flops = sum(r.model_flops for r in results)
     ceiling = matmul_ceiling(rc.precision.dtype, kind)
     mfu, source, mfu_extra = _mfu(flops / sum(samples), ceiling, rc, ctx.world)
+    energies = [g[4] for g in gathered]
+    energy = None if any(e is None for e in energies) else float(sum(energies))
     sched = [r.schedule_s for r in results]
     est = np.array([r.rank_flops for r in results])  # steps x dp ranks
     extra |= mfu_extra | {
@@ -139,7 +159,9 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         "losses": [r.loss for r in results],
         "ranks": ctx.world,
         "peak_mem_bytes_per_rank": [g[0] for g in gathered],
-    }
+    } | tele.to_extra()  # rank 0's own device and host
+    if ctx.world > 1:
+        extra["telemetry_energy_j_per_rank"] = energies
     if ctx.dp > 1:
         measured, replica_s = _imbalance(ctx, [g[2] for g in gathered], rc)
         extra |= {
@@ -152,7 +174,8 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         status=Status.COMPLETE, tokens_per_s=tokens / sum(samples), step_time_s=stats.median,
         step_time_iqr_s=stats.iqr, step_times_s=samples, warmup_steps=warmup, timed_steps=steps,
         peak_mem_bytes=max(g[0] for g in gathered), peak_rss_bytes=max(g[1] for g in gathered),
-        mfu=mfu, mfu_peak_source=source, model_tflops_per_step=flops / steps / 1e12, extra=extra,
+        mfu=mfu, mfu_peak_source=source, model_tflops_per_step=flops / steps / 1e12,
+        energy_j=energy, energy_per_token_j=energy_per_token(energy, tokens), extra=extra,
         fingerprint=current_fingerprint(kind, __version__))
 
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLLECTIVES", "bus_factor", "fit_alpha_beta", "message_sizes"]
+from profilers.store import SCHEMA_VERSION
+
+__all__ = ["COLLECTIVES", "bus_factor", "collective_key", "fit_alpha_beta", "message_bytes",
+           "message_sizes"]
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
-SCHEMA_VERSION = 1
 
 
 def message_sizes(min_bytes: int = 4096, max_bytes: int = 256 * 2**20) -> list[int]:
@@ -35,6 +37,18 @@ def message_sizes(min_bytes: int = 4096, max_bytes: int = 256 * 2**20) -> list[i
         sizes.append(n)
         n *= 2
     return sizes
+
+
+def message_bytes(nbytes: int, world: int) -> int:
+    """The bytes really sent for a requested size: float32 elements, divisible by the ranks."""
+    return max(world, nbytes // 4 // world * world) * 4
+
+
+def collective_key(name: str, nbytes: int, ranks: int, backend: str) -> str:
+    from profilers.ops import case_key
+
+    return case_key({"family": "collective", "collective": name, "bytes": nbytes, "ranks": ranks,
+                     "backend": backend})
 
 
 def bus_factor(collective: str, ranks: int) -> float:
@@ -65,7 +79,7 @@ def _op(name: str, nbytes: int, rank: int, world: int, device):  # noqa: ANN001,
     import torch
     import torch.distributed as dist
 
-    elems = max(world, nbytes // 4 // world * world)  # float32, divisible by the ranks
+    elems = message_bytes(nbytes, world) // 4
     buf = torch.ones(elems, dtype=torch.float32, device=device)
     if name == "all_reduce":
         return lambda: dist.all_reduce(buf)
@@ -145,7 +159,7 @@ def run_sweep(sizes: list[int], collectives: tuple[str, ...], *, min_iters: int 
         dist.all_gather(every, mine)
         if rank == 0:
             slowest = torch.stack(every).max(0).values.cpu().numpy()
-            actual = max(world, nbytes // 4 // world * world) * 4
+            actual = message_bytes(nbytes, world)
             med = float(np.median(slowest))
             q75, q25 = np.percentile(slowest, [75, 25])
             rows.append({"collective": name, "bytes": actual, "ranks": world,
@@ -159,28 +173,29 @@ def run_sweep(sizes: list[int], collectives: tuple[str, ...], *, min_iters: int 
 
 
 def _write(rows: list[dict], out: Path) -> None:
+    """Append the rows the store lacks to its ``collective`` table, then refit every
+    collective from all rows for this rank count."""
     import pandas as pd
 
-    from autotune import __version__
-    from profilers.fingerprint import current_fingerprint
-    from profilers.store import atomic_write_bytes, atomic_write_text
+    from profilers.store import ProfileStore, atomic_write_bytes, atomic_write_text
 
-    fp = current_fingerprint("cuda" if rows[0]["backend"] == "nccl" else "cpu", __version__)
-    frame = pd.DataFrame(rows)
-    frame["schema_version"] = SCHEMA_VERSION
-    frame["fingerprint"] = fp.key()
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "collective.parquet", buf.getvalue())
+    store = ProfileStore.existing(out)
+    held = store.keys("collective")
+    for row in rows:
+        row["key"] = collective_key(row["collective"], row["bytes"], row["ranks"], row["backend"])
+        row["family"] = "collective"
+    store.append("collective", pd.DataFrame([r for r in rows if r["key"] not in held]))
+    frame = store.load("collective")
+    frame = frame[frame.ranks == rows[0]["ranks"]]
     fits = []
     for name, g in frame.groupby("collective", sort=False):
         # The spread of the samples themselves: a fit error near it is at the noise floor.
         fits.append({"collective": name, "ranks": int(g.ranks.iloc[0]),
                      **fit_alpha_beta(g.bytes.to_numpy(), g.median_s.to_numpy()),
                      "median_rel_iqr": float((g.iqr_s / g.median_s).median())})
-    fit_frame = pd.DataFrame(fits)
     buf = io.BytesIO()
-    fit_frame.assign(schema_version=SCHEMA_VERSION, fingerprint=fp.key()).to_parquet(buf, index=False)
+    pd.DataFrame(fits).assign(schema_version=SCHEMA_VERSION, fingerprint=store.fingerprint_key
+                              ).to_parquet(buf, index=False)
     atomic_write_bytes(out / "collective_fit.parquet", buf.getvalue())
     lines = ["| collective | ranks | alpha (us) | bandwidth (GB/s) | fit MAPE | sample IQR/median |",
              "|---|---:|---:|---:|---:|---:|"]

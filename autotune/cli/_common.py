@@ -6,15 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from autotune.config import RunConfig, load_yaml
+from autotune.config import RunConfig, Workload, load_yaml
 from autotune.data import Dataset, load_dataset
 from autotune.errors import UserError
 from autotune.launch import Launch
 
 __all__ = [
-    "add_launch_args", "launch_from_args", "load_runconfig", "non_negative_int", "positive_float",
-    "positive_int", "print_json",
+    "WORKLOAD_PRESETS", "add_launch_args", "launch_from_args", "load_runconfig", "load_workload",
+    "non_negative_int", "positive_float", "positive_int", "print_json",
 ]
+
+WORKLOAD_PRESETS = {"tiny": Workload}
 
 
 def positive_int(text: str) -> int:
@@ -56,6 +58,16 @@ def load_runconfig(path: str) -> tuple[RunConfig, Dataset]:
     except UserError as exc:
         raise UserError(f"{path}: workload.data: {exc}") from None
     return rc, dataset
+
+
+def load_workload(name: str) -> Workload:
+    """A workload preset by name, or a workload YAML file."""
+    if name in WORKLOAD_PRESETS:
+        return WORKLOAD_PRESETS[name]()
+    if Path(name).suffix in (".yaml", ".yml") or Path(name).exists():
+        return load_yaml(Workload, name)
+    raise UserError(f"--workload {name!r} is neither a file nor a preset "
+                    f"({', '.join(WORKLOAD_PRESETS)})")
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:

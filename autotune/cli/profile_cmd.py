@@ -1,4 +1,4 @@
-"""``autotune profile``: measure op families on the devices present and store the tables."""
+"""``autotune profile``: measure op families on the devices present into a profile store."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autotune.cli._common import add_launch_args
+from autotune.cli._common import (
+    WORKLOAD_PRESETS,
+    add_launch_args,
+    load_workload,
+    positive_float,
+    positive_int,
+)
 from autotune.errors import UserError
-
-FAMILIES = ("collective",)
+from profilers.families import FAMILIES, OP_FAMILIES
 
 
 def _bytes(text: str) -> int:
@@ -29,47 +34,182 @@ def _bytes(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure op families on the devices present")
-    p.add_argument("--families", default="collective",
-                   help=f"comma-separated families to profile ({', '.join(FAMILIES)})")
-    add_launch_args(p)
-    p.add_argument("--min-bytes", type=_bytes, default=4096,
-                   help="smallest collective message (default 4KiB)")
-    p.add_argument("--max-bytes", type=_bytes, default=256 * 2**20,
-                   help="largest collective message (default 256MiB)")
-    p.add_argument("--min-time-s", type=float, default=0.2,
-                   help="timed window per message size, after warm-up (default 0.2)")
+    p.add_argument("--families", default=",".join(OP_FAMILIES),
+                   help=f"comma-separated families ({', '.join(FAMILIES)}); default the op "
+                        f"families, collective only when named")
+    p.add_argument("--workload", default="tiny",
+                   help=f"workload whose shapes are swept: a YAML file or a preset "
+                        f"({', '.join(WORKLOAD_PRESETS)}); default tiny")
+    p.add_argument("--space", help="search-space YAML whose candidates set the shapes "
+                                   "(default: the built-in search space)")
+    p.add_argument("--budget-s", type=float, help="stop after this many seconds; re-running "
+                                                  "resumes where it stopped")
     p.add_argument("--out", default="profiles", help="profile store folder (default profiles/)")
+    p.add_argument("--min-time-s", type=positive_float,
+                   help="timed time per window after warm-up (default 0.05; 0.2 per message "
+                        "size for collectives)")
+    p.add_argument("--windows", type=positive_int,
+                   help="timed windows per case, a round of all cases apart (default 8 on a "
+                        "CPU, whose speed drifts with its neighbours; 3 on a GPU)")
+    p.add_argument("--case-timeout-s", type=positive_float, default=300.0,
+                   help="a case running longer is recorded as TIMEOUT (default 300)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g = p.add_argument_group("collective family")
+    g.add_argument("--min-bytes", type=_bytes, default=4096,
+                   help="smallest collective message (default 4KiB)")
+    g.add_argument("--max-bytes", type=_bytes, default=256 * 2**20,
+                   help="largest collective message (default 256MiB)")
+    add_launch_args(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from autotune.launch import Launch, check_host_capacity
-
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
+def _families(text: str) -> list[str]:
+    families = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise UserError(f"--families: unknown family {unknown[0] if unknown else '(none)'!r}; "
                         f"choose from {', '.join(FAMILIES)}")
+    return families
+
+
+def _open_store(out: Path, device_kind: str):  # noqa: ANN202
+    from autotune import __version__
+    from profilers.fingerprint import current_fingerprint
+    from profilers.store import ProfileStore, StoreError
+
+    fp = current_fingerprint(device_kind, __version__)
+    try:
+        return ProfileStore.open(out, fp.key(), fp.model_dump(mode="json"))
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    families = _families(args.families)
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise UserError(f"--budget-s must be positive, got {args.budget_s:g}")
     if args.min_bytes > args.max_bytes:
         raise UserError(f"--min-bytes {args.min_bytes} is above --max-bytes {args.max_bytes}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if not args.min_time_s > 0:
-        raise UserError(f"--min-time-s must be positive, got {args.min_time_s}")
-    launch = Launch(args.nproc or 2, args.nnodes or 1, args.node_rank, args.rdzv_endpoint)
-    if launch.world < 2:
-        raise UserError("--nproc: collectives need at least 2 ranks")
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    launch = None
+    if "collective" in families:
+        from autotune.launch import Launch
+
+        launch = Launch(args.nproc or 2, args.nnodes or 1, args.node_rank, args.rdzv_endpoint)
+        if launch.world < 2:
+            raise UserError("--nproc: collectives need at least 2 ranks")
+    op_families = tuple(f for f in families if f != "collective")
+    cases = []
+    if op_families:
+        from autotune.config import SearchSpace, load_yaml
+        from autotune.profile_grid import op_cases
+
+        workload = load_workload(args.workload)
+        space = load_yaml(SearchSpace, args.space) if args.space else SearchSpace()
+        cases = op_cases(workload, space, op_families)
+        args.dtypes = list(space.dtype)
     import torch
 
-    check_host_capacity(launch.nproc, "cuda" if torch.cuda.is_available() else "cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    store = _open_store(out, device_kind)
+    from profilers.store import StoreError
+
+    try:
+        summary = _profile(args, store, cases, launch, device_kind)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 1 if summary.get("collective_failed") else 0
+
+
+def _profile(args: argparse.Namespace, store, cases: list[dict], launch,  # noqa: ANN001
+             device_kind: str) -> dict:
+    import time
+
+    from profilers.sweep import sweep
+
+    start = time.monotonic()
+    summary: dict = {"store": str(store.root), "fingerprint": store.fingerprint_key}
+    if cases:
+        report = sweep(cases, store, device_kind=device_kind, budget_s=args.budget_s,
+                       case_timeout_s=args.case_timeout_s, min_time_s=args.min_time_s or 0.05,
+                       windows=args.windows or (3 if device_kind == "cuda" else 8),
+                       progress=not args.json)
+        summary |= {"cases": len(cases), "measured": report.measured, "skipped": report.skipped,
+                    "failed": report.failed, "remaining": report.remaining}
+        if not report.remaining:
+            _ceilings(store, args.dtypes, device_kind)
+    if launch is not None:
+        left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            summary["collective"] = "not started: budget spent"
+        else:
+            code = _collectives(args, store, launch)
+            summary["collective"] = "done" if code == 0 else f"failed (launcher exit code {code})"
+            summary["collective_failed"] = code != 0
+    summary["rows"] = {fam: len(store.load(fam)) for fam in store.families()}
+    summary["wall_s"] = round(time.monotonic() - start, 1)
+    return summary
+
+
+def _ceilings(store, dtypes: list[str], device_kind: str) -> None:  # noqa: ANN001
+    """The roofline the cost models' prior divides by: matmul rate per dtype and copy
+    bandwidth, measured once per machine (cached) and copied into the store."""
+    import pandas as pd
+
+    from profilers.ceilings import copy_bandwidth, matmul_ceiling
+
+    held = store.keys("ceiling")
+    rows = []
+    for dtype in dtypes:
+        if f"matmul:{dtype}" not in held:
+            c = matmul_ceiling(dtype, device_kind)
+            rows.append({"key": f"matmul:{dtype}", "family": "ceiling", "what": "matmul",
+                         "dtype": dtype, "flops_per_s": c.flops_per_s, "bytes_per_s": None,
+                         "samples_s": c.samples_s, "method": c.method})
+    if "copy" not in held:
+        b = copy_bandwidth(device_kind)
+        rows.append({"key": "copy", "family": "ceiling", "what": "copy", "dtype": None,
+                     "flops_per_s": None, "bytes_per_s": b.bytes_per_s, "samples_s": b.samples_s,
+                     "method": b.method})
+    if rows:
+        store.append("ceiling", pd.DataFrame(rows))
+
+
+def _collectives(args: argparse.Namespace, store, launch) -> int:  # noqa: ANN001
+    from autotune.launch import check_host_capacity
+    from profilers.collectives import COLLECTIVES, collective_key, message_bytes, message_sizes
+
+    backend = "nccl" if store.fingerprint.get("device_kind") == "cuda" else "gloo"
+    wanted = {collective_key(c, message_bytes(n, launch.world), launch.world, backend)
+              for c in COLLECTIVES for n in message_sizes(args.min_bytes, args.max_bytes)}
+    if wanted <= store.keys("collective"):
+        print("collectives: every size is already in the store", file=sys.stderr)
+        return 0
+    check_host_capacity(launch.nproc, "cuda" if store.fingerprint.get("device_kind") == "cuda"
+                        else "cpu")
     argv = launch.argv("profilers.collectives", [
-        "--out", str(out), "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
-        "--min-time-s", str(args.min_time_s)])
-    code = subprocess.run(argv, check=False).returncode
-    if code != 0:
-        print(f"autotune: collective profiling failed (launcher exit code {code})", file=sys.stderr)
-        return 1
-    print(f"wrote {out / 'collective.parquet'} and {out / 'collective_fit.parquet'}")
-    return 0
+        "--out", str(store.root), "--min-bytes", str(args.min_bytes),
+        "--max-bytes", str(args.max_bytes), "--min-time-s", str(args.min_time_s or 0.2)])
+    return subprocess.run(argv, check=False).returncode
+
+
+def _print_summary(summary: dict) -> None:
+    if "cases" in summary:
+        failed = ", ".join(f"{n} {s}" for s, n in summary["failed"].items()) or "none"
+        print(f"{summary['cases']} cases: {summary['measured']} windows measured, "
+              f"{summary['skipped']} already in the store, failed: {failed}; "
+              f"{summary['remaining']} left", file=sys.stderr)
+        if summary["remaining"]:
+            print("budget spent: run the same command again to resume", file=sys.stderr)
+    if "collective" in summary:
+        print(f"collectives: {summary['collective']}", file=sys.stderr)
+    rows = ", ".join(f"{fam} {n}" for fam, n in summary["rows"].items())
+    print(f"store {summary['store']} (fingerprint {summary['fingerprint']}): {rows}")

@@ -9,11 +9,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from autotune.cli._common import non_negative_int, positive_float, positive_int
-from autotune.config import Workload, load_yaml
+from autotune.cli._common import (
+    WORKLOAD_PRESETS,
+    load_workload,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from autotune.config import Workload
 from autotune.errors import UserError
-
-WORKLOAD_PRESETS = {"tiny": Workload}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _workload(args: argparse.Namespace) -> Workload:
-    if args.workload in WORKLOAD_PRESETS:
-        wl = WORKLOAD_PRESETS[args.workload]()
-    elif Path(args.workload).suffix in (".yaml", ".yml") or Path(args.workload).exists():
-        wl = load_yaml(Workload, args.workload)
-    else:
-        raise UserError(f"--workload {args.workload!r} is neither a file nor a preset "
-                        f"({', '.join(WORKLOAD_PRESETS)})")
+    wl = load_workload(args.workload)
     hw = wl.hardware.model_dump()
     if args.gpus:
         hw.update(device="cuda", devices_per_node=args.gpus)

@@ -11,6 +11,7 @@ import pytest
 
 from autotune.cli import main
 from profilers.collectives import COLLECTIVES, bus_factor, fit_alpha_beta, message_sizes
+from profilers.store import ProfileStore
 
 
 def test_fit_recovers_known_latency_and_bandwidth() -> None:
@@ -40,19 +41,24 @@ def test_two_rank_gloo_sweep_writes_tables(tmp_path: Path, capsys) -> None:
     code = main(["profile", "--families", "collective", "--nproc", "2", "--max-bytes", "64KiB",
                  "--out", str(out)])
     assert code == 0
-    table = pd.read_parquet(out / "collective.parquet")
-    assert set(table.collective) == set(COLLECTIVES)
+    store = ProfileStore.existing(out)
+    table = store.load("collective")
+    assert set(table.collective) == set(COLLECTIVES) and not table.key.duplicated().any()
     assert sorted(set(table.bytes)) == [4096, 8192, 16384, 32768, 65536]
     assert (table.median_s > 0).all() and (table.samples >= 5).all()
     assert table.schema_version.unique().tolist() == [1]
     fit = pd.read_parquet(out / "collective_fit.parquet")
     assert set(fit.collective) == set(COLLECTIVES)
     assert (fit.bandwidth_bytes_per_s > 0).all() and fit.mape.notna().all()
+    # Profiling again adds nothing the store already holds.
+    assert main(["profile", "--families", "collective", "--nproc", "2", "--max-bytes", "8KiB",
+                 "--out", str(out)]) == 0
+    assert len(store.load("collective")) == len(table)
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["profile", "--families", "gemm2"], "unknown family 'gemm2'"),
-    (["profile", "--nproc", "1"], "collectives need at least 2 ranks"),
+    (["profile", "--families", "collective", "--nproc", "1"], "collectives need at least 2 ranks"),
     (["profile", "--max-bytes", "lots"], "expected a size such as"),
     (["profile", "--min-bytes", "1MiB", "--max-bytes", "4KiB"], "is above --max-bytes"),
 ])

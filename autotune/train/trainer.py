@@ -204,7 +204,9 @@ class Trainer:
         self._reduce_grads()
         grad_norm = None
         if self.rc.optimizer.grad_clip is not None:
-            grad_norm = clip_grad_norm(self.params, self.rc.optimizer.grad_clip, self.ctx)
+            # The optimizer's own step and zero_grad carry torch's scopes; clipping needs ours.
+            with torch.profiler.record_function("autotune:clip_grad"):
+                grad_norm = clip_grad_norm(self.params, self.rc.optimizer.grad_clip, self.ctx)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1

@@ -28,6 +28,7 @@ from autotune.data.sequences import longsft_lengths
 from autotune.measure import measure
 from profilers.records import Status
 from profilers.store import atomic_write_text
+from suites._report import md_table
 
 CHUNK = 512
 
@@ -120,17 +121,6 @@ def summarize_throughput(df: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("tokens_per_s_median", ascending=False)
 
 
-def _md_table(df: pd.DataFrame, floatfmt: dict[str, str]) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for idx in df.index:
-        cells = [str(idx)] + [format(df.at[idx, c], floatfmt.get(c, ""))
-                              if pd.notna(df.at[idx, c]) else "-" for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def render(thr: pd.DataFrame, mem: pd.DataFrame, args: argparse.Namespace, cpu: str) -> str:
     table = summarize_throughput(thr)
     fmt = {"tokens_per_s_median": ",.0f", "min": ",.0f", "max": ",.0f", "padding": ".0%",
@@ -145,7 +135,7 @@ def render(thr: pd.DataFrame, mem: pd.DataFrame, args: argparse.Namespace, cpu: 
         f"8,192 real tokens per step, float32. Each contender trains on the same global "
         f"batches, in its own process; contenders interleaved round-robin.", "",
         "## Effective tokens/s (padding excluded)", "",
-        _md_table(table, fmt), "",
+        md_table(table, fmt), "",
         f"- best of pack/chunkflow vs pad-batch: "
         f"{best / table.loc['pad-batch', 'tokens_per_s_median']:.2f}x (target >= 2.5x)",
         f"- best of pack/chunkflow vs pad-max: "

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if launch.world < 2:
             raise UserError("--nproc: collectives need at least 2 ranks")
     op_families = tuple(f for f in families if f != "collective")
-    cases = []
+    cases, dtypes = [], []
     if op_families:
         from autotune.config import SearchSpace, load_yaml
         from autotune.profile_grid import op_cases
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         workload = load_workload(args.workload)
         space = load_yaml(SearchSpace, args.space) if args.space else SearchSpace()
         cases = op_cases(workload, space, op_families)
-        args.dtypes = list(space.dtype)
+        dtypes = list(space.dtype)
     import torch
 
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from profilers.store import StoreError
 
     try:
-        summary = _profile(args, store, cases, launch, device_kind)
+        summary = _profile(args, store, cases, dtypes, launch, device_kind)
     except StoreError as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.get("collective_failed") else 0
 
 
-def _profile(args: argparse.Namespace, store, cases: list[dict], launch,  # noqa: ANN001
-             device_kind: str) -> dict:
+def _profile(args: argparse.Namespace, store, cases: list[dict], dtypes: list[str],  # noqa: ANN001
+             launch, device_kind: str) -> dict:  # noqa: ANN001
     import time
 
     from profilers.sweep import sweep
@@ -145,7 +145,7 @@ def _profile(args: argparse.Namespace, store, cases: list[dict], launch,  # noqa
         summary |= {"cases": len(cases), "measured": report.measured, "skipped": report.skipped,
                     "failed": report.failed, "remaining": report.remaining}
         if not report.remaining:
-            _ceilings(store, args.dtypes, device_kind)
+            _ceilings(store, dtypes, device_kind)
     if launch is not None:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:

@@ -30,60 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from profilers.families import analytic_cost
+
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["analytic_cost", "case_key", "measure_window", "pool_windows", "run_case", "window_row"]
+__all__ = ["case_key", "measure_window", "pool_windows", "run_case", "window_row"]
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-_ELEM = {"fp32": 4, "bf16": 2}
 
 
 def case_key(case: dict[str, Any]) -> str:
     canonical = json.dumps(case, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
-
-
-def _causal_pairs(seqlens: list[int], prefix: int = 0) -> int:
-    """Query-key pairs a causal mask keeps: sum over segments of l(l+1)/2, plus l x prefix
-    for queries that also see a prefix (a ChunkFlow chunk's state)."""
-    return sum(n * (n + 1) // 2 + n * prefix for n in seqlens)
-
-
-def analytic_cost(case: dict[str, Any]) -> tuple[float, float]:
-    """(FLOPs, bytes moved) of a case by the usual counting: 2 per multiply-add; backward of a
-    matmul is twice its forward, of attention 2.5x (FlashAttention's five matmuls to two);
-    bytes are operands read plus results written once. The roofline prior and the learned
-    models take these as features."""
-    fam, p, e = case["family"], case["pass"], _ELEM[case["dtype"]]
-    bwd = p == "bwd"
-    if fam == "gemm":
-        m, n, k = case["m"], case["n"], case["k"]
-        flops = 2.0 * m * n * k * (2 if bwd else 1)
-        nbytes = (m * k + k * n + m * n) * e * (2 if bwd else 1)
-    elif fam == "attention":
-        pairs = _causal_pairs(case["seqlens"], case.get("prefix", 0))
-        flops = 4.0 * pairs * case["heads"] * case["head_dim"] * (2.5 if bwd else 1)
-        tokens = sum(case["seqlens"])
-        kv_tokens = tokens + case.get("prefix", 0)
-        nbytes = (2 * tokens * case["heads"] + 2 * kv_tokens * case["kv_heads"]) * case["head_dim"] * e
-        nbytes *= 2 if bwd else 1
-    elif fam == "norm":
-        elems = case["tokens"] * case["width"]
-        flops = {"rms_norm": 4.0, "rope": 3.0, "swiglu": 5.0, "add": 1.0}[case["op"]] * elems
-        operands = {"rms_norm": 2, "rope": 2, "swiglu": 3, "add": 3}[case["op"]]
-        nbytes = elems * e * operands * (2 if bwd else 1)
-        flops *= 2 if bwd else 1
-    elif fam == "loss":
-        t, h, v = case["tokens"], case["hidden"], case["vocab"]
-        flops = (2.0 * t * h * v + 5.0 * t * v) * (2 if bwd else 1)
-        nbytes = (t * h + h * v + 2 * t * v) * e * (2 if bwd else 1)
-    elif fam == "optimizer":
-        flops = 12.0 * case["numel"]
-        nbytes = 7.0 * case["numel"] * e  # param, grad, two moments read; param, moments written
-    else:
-        raise ValueError(f"no analytic cost for family {fam!r}")
-    return float(flops), float(nbytes)
 
 
 # ---- building a case ----------------------------------------------------------------------

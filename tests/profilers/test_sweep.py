@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from autotune.cli import main
-from profilers.ops import _build, _causal_pairs, analytic_cost, case_key, pool_windows, run_case
+from profilers.families import _causal_pairs, analytic_cost
+from profilers.ops import _build, case_key, pool_windows, run_case
 from profilers.store import ProfileStore
 from profilers.sweep import sweep
 

@@ -122,7 +122,10 @@ def run_isolated(
     tree.terminate()
     returncode, kernel_peak = _reap(proc)
     tail = _log_tail(log_path, offset)
-    status, reason = verdict if verdict is not None else _classify(returncode, tail)
+    # The reason is searched in more than the tail shown: a launcher's own traceback can
+    # fill the last lines and push the rank's error out of them.
+    status, reason = verdict if verdict is not None else _classify(
+        returncode, _log_tail(log_path, offset, lines=None))
     return IsolatedRun(
         status=status,
         returncode=returncode,
@@ -267,30 +270,35 @@ def _signal_reason(signum: int) -> str:
 
 
 # The line that names a failure, in a Python traceback or a torchrun failure summary.
+_RANK_ERROR = re.compile(r"\[rank\d+\]: \w*(Error|Exception)\b")
 _FAILURE_LINE = re.compile(r"\b\w*(Error|Exception)\b|\bSignal \d+ \(SIG\w+\)")
 
 
 def _last_line(text: str) -> str:
-    """The line that best says why: the last one naming an error (other than the launcher's
-    own wrapper error), else the last that is not a separator rule."""
+    """The line that best says why: a rank's own error (``[rank0]: ...Error: ...``), else
+    the last one naming an error (other than the launcher's own wrapper error), else the
+    last that is not a separator rule."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) - set("=-*")]
+    for line in lines:
+        if _RANK_ERROR.match(line):
+            return line[:_REASON_CHARS]
     for line in reversed(lines):
         if _FAILURE_LINE.search(line) and "ChildFailedError" not in line:
             return line[:_REASON_CHARS]
     return lines[-1][:_REASON_CHARS] if lines else ""
 
 
-def _log_tail(path: Path, offset: int) -> str:
+def _log_tail(path: Path, offset: int, lines: int | None = _TAIL_LINES) -> str:
     """The last lines written to ``path`` after ``offset`` (this run's part of the log)."""
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         start = max(offset, size - _TAIL_BYTES)
         fh.seek(start)
         data = fh.read()
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    text = data.decode("utf-8", errors="replace").splitlines()
     if start > offset:
-        lines = lines[1:]  # the read began mid-line
-    return "\n".join(lines[-_TAIL_LINES:])
+        text = text[1:]  # the read began mid-line
+    return "\n".join(text[-lines:] if lines is not None else text)
 
 
 def _fmt_bytes(n: int) -> str:

@@ -198,3 +198,16 @@ def test_bad_arguments_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         run_isolated(argv, timeout_s=timeout_s, mem_cap_bytes=cap, log_path=tmp_path / "t.log")
+
+
+def test_a_ranks_own_error_is_the_reason_not_the_launchers() -> None:
+    from profilers.isolation import _last_line
+
+    log = "\n".join([
+        "[rank0]: Traceback (most recent call last):",
+        "[rank0]: RuntimeError: Output 6 of RegisterPostBackwardFunction is a view",
+        *[f"  File \"torch/distributed/run.py\", line {i}, in main" for i in range(60)],
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+        "  traceback : Signal 15 (SIGTERM) received by PID 1",
+    ])
+    assert _last_line(log) == "[rank0]: RuntimeError: Output 6 of RegisterPostBackwardFunction is a view"

@@ -73,6 +73,8 @@ def _global_predict(train: dict[str, pd.DataFrame], test: dict[str, pd.DataFrame
                                                                    base_margin=m), 400)
     out = {}
     for fam, rows in test.items():
+        if rows.empty:  # nothing held out of this family
+            continue
         xt, _, mt = matrix({fam: rows})
         out[fam] = np.exp(booster.predict(xgb.DMatrix(xt.to_numpy(float), base_margin=mt)))
     return out

@@ -64,17 +64,12 @@ def step_op_rows(rc: RunConfig, plan: StepPlan, dims: ModelDims | None = None,
     counts: Counter = Counter()
 
     def add(mb: MicroBatch, forward_again: bool) -> None:
+        again = layers if forward_again else ckpt  # layers whose forward runs a second time
         for op in _micro_batch_ops(mb, dims, tp, dtype, impl, ("fwd", "bwd")):
-            counts[op] += layers
-        for op in _micro_batch_ops(mb, dims, tp, dtype, impl, ("fwd",)):
-            counts[op] += layers if forward_again else ckpt
-        for p in ("fwd", "bwd"):
-            counts[("loss", "lm_head_ce", p, dtype, (("tokens", mb.tokens), ("hidden", dims.hidden),
-                                                      ("vocab", dims.vocab)))] += 1
-        if forward_again:
-            counts[("loss", "lm_head_ce", "fwd", dtype, (("tokens", mb.tokens),
-                                                         ("hidden", dims.hidden),
-                                                         ("vocab", dims.vocab)))] += 1
+            counts[op] += layers + (again if op[2] == "fwd" else 0)
+        shape = (("tokens", mb.tokens), ("hidden", dims.hidden), ("vocab", dims.vocab))
+        counts[("loss", "lm_head_ce", "fwd", dtype, shape)] += 1 + int(forward_again)
+        counts[("loss", "lm_head_ce", "bwd", dtype, shape)] += 1
 
     for unit in plan.units:
         if isinstance(unit, ChunkGroup):

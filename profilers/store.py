@@ -165,6 +165,12 @@ class ProfileStore:
             return pd.DataFrame()
         return pd.concat(frames, ignore_index=True)
 
+    def rows(self, family: str) -> int:
+        """How many rows ``family`` holds, from the parts' footers alone (no data read)."""
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(part).num_rows for part in self.parts(family))
+
     def keys(self, family: str) -> set[str]:
         table = self.load(family)
         return set(table["key"]) if "key" in table else set()

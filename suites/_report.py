@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["md_table"]
+__all__ = ["host_line", "md_table"]
 
 
 def md_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
@@ -18,3 +18,11 @@ def md_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
                               if pd.notna(df.at[idx, c]) else "-" for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def host_line() -> str:
+    """What the figures were measured on, for a report's first lines: CPU figures say so."""
+    from profilers.fingerprint import current_fingerprint
+
+    fp = current_fingerprint("cpu")
+    return f"{fp.cpu_model}, {fp.threads} threads, torch {fp.torch_version}"

@@ -25,6 +25,7 @@ from autotune.data.cost import plan_flops
 from autotune.data.policies import POLICY_CLASSES
 from autotune.measure import measure
 from profilers.store import atomic_write_text
+from suites._report import host_line
 
 RANKS = 2
 SPLITS = ("balanced", "arrival")
@@ -115,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "estimated.csv", est.to_csv(index=False))
     atomic_write_text(out / "measured.csv", meas.to_csv(index=False))
-    from profilers.fingerprint import current_fingerprint
-
-    fp = current_fingerprint("cpu")
-    report = render(est, meas, args, f"{fp.cpu_model}, {fp.threads} threads, torch {fp.torch_version}")
+    report = render(est, meas, args, host_line())
     atomic_write_text(out / "README.md", report)
     print(report)
     return 0

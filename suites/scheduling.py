@@ -28,7 +28,7 @@ from autotune.data.sequences import longsft_lengths
 from autotune.measure import measure
 from profilers.records import Status
 from profilers.store import atomic_write_text
-from suites._report import md_table
+from suites._report import host_line, md_table
 
 CHUNK = 512
 
@@ -183,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         # Raw rows first: a failure while rendering must not lose the measurements.
         atomic_write_text(out / "throughput.csv", thr.to_csv(index=False))
         atomic_write_text(out / "memory.csv", mem.to_csv(index=False))
-    from profilers.fingerprint import current_fingerprint
-
-    fp = current_fingerprint("cpu")
-    report = render(thr, mem, args, f"{fp.cpu_model}, {fp.threads} threads, torch {fp.torch_version}")
+    report = render(thr, mem, args, host_line())
     atomic_write_text(out / "README.md", report)
     print(report)
     return 0

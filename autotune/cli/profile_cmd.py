@@ -154,7 +154,7 @@ def _profile(args: argparse.Namespace, store, cases: list[dict], dtypes: list[st
             code = _collectives(args, store, launch)
             summary["collective"] = "done" if code == 0 else f"failed (launcher exit code {code})"
             summary["collective_failed"] = code != 0
-    summary["rows"] = {fam: len(store.load(fam)) for fam in store.families()}
+    summary["rows"] = {fam: store.rows(fam) for fam in store.families()}
     summary["wall_s"] = round(time.monotonic() - start, 1)
     return summary
 

@@ -26,6 +26,7 @@ def test_parts_round_trip_with_version_and_fingerprint(tmp_path: Path) -> None:
     assert set(table.schema_version) == {SCHEMA_VERSION} and set(table.fingerprint) == {"fp-a"}
     assert table.samples_s.iloc[0].tolist() == [1e-3, 2e-3]
     assert store.keys("gemm") == {"a", "b", "c"} and store.families() == ["gemm"]
+    assert store.rows("gemm") == 3
     again = ProfileStore.open(tmp_path / "s", "fp-a")
     assert again.fingerprint == {"device_kind": "cpu"} and len(again.load("gemm")) == 3
     assert list((tmp_path / "s" / "gemm").glob("*.tmp")) == []

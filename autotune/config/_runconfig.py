@@ -67,14 +67,25 @@ class ParallelConfig(BaseModel):
 
 
 class CheckpointConfig(BaseModel):
-    """Activation checkpointing: none, every layer, or the first ``fraction`` of layers."""
+    """Activation checkpointing: none, every layer, the first ``fraction`` of layers, or
+    ``adaptive`` (Mimose): per micro-batch, the fewest leading layers that keep the predicted
+    peak under ``memory_budget_gb`` (see ``autotune.train.adaptive``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["none", "full", "selective"] = "none"
+    policy: Literal["none", "full", "selective", "adaptive"] = "none"
     fraction: float = Field(0.5, gt=0, le=1)
+    memory_budget_gb: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _budget(self) -> CheckpointConfig:
+        if self.policy == "adaptive" and self.memory_budget_gb is None:
+            raise ValueError("checkpointing.policy 'adaptive' needs checkpointing.memory_budget_gb")
+        return self
 
     def checkpointed_layers(self, layers: int) -> int:
+        """Checkpointed leading layers; for ``adaptive``, which decides per micro-batch at run
+        time, ``fraction`` of them stands in wherever one static count is needed."""
         if self.policy == "none":
             return 0
         if self.policy == "full":
@@ -172,6 +183,10 @@ def rule_violations(rc: RunConfig) -> list[str]:
                         "parameters per forward and backward, so data-parallel ranks must run "
                         "the same sequence of passes, and chunkflow's chunk groups differ per "
                         "rank; use zero_stage 1 or 2")
+    if p.pp > 1 and rc.checkpointing.policy == "adaptive":
+        problems.append(f"checkpointing.policy 'adaptive' with pp={p.pp}: it plans each "
+                        f"micro-batch over the whole model's layers; use full or selective "
+                        f"with pipelines")
     if p.cp > 1:
         problems.append(f"cp={p.cp}: context parallelism is not implemented by this trainer")
     if s.policy == "chunkflow" and s.chunk_size > s.micro_batch_tokens:

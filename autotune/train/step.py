@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from autotune.data import ChunkGroup, MicroBatch, SequenceSet, StepPlan
+from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.model import IGNORE_INDEX, KV, Decoder, PackedBatch
 
 __all__ = ["StepExecutor", "materialize"]
@@ -62,11 +63,21 @@ class StepExecutor:
     """Runs a StepPlan's forward and backward passes on a model; the optimizer is the caller's."""
 
     def __init__(self, model: Decoder, seqs: SequenceSet, *, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None,
+                 adaptive: AdaptiveCheckpointing | None = None):
         self.model = model
         self.seqs = seqs
         self.device = device
         self.autocast_dtype = autocast_dtype
+        self.adaptive = adaptive
+
+    def _checkpointing(self, mb: MicroBatch) -> contextlib.AbstractContextManager:
+        """Under adaptive checkpointing: this micro-batch's plan, and its probe."""
+        if self.adaptive is None or not mb.segments:
+            return contextlib.nullcontext()
+        ckpt = self.adaptive.layers_for(mb)
+        self.model.checkpoint_layers = ckpt
+        return self.adaptive.observe(self.model, mb, ckpt)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -98,7 +109,7 @@ class StepExecutor:
 
     def _run_micro(self, mb: MicroBatch, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
         batch = materialize(mb, self.seqs, batch_ids, self.device)
-        with self._autocast():
+        with self._checkpointing(mb), self._autocast():
             loss_sum, _ = self.model(batch)
         (loss_sum * scale).backward()
         return loss_sum.detach().double().cpu()

@@ -19,6 +19,7 @@ from autotune.data import (
     make_policy,
 )
 from autotune.data.cost import plan_flops
+from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.distributed import ParallelContext
 from autotune.train.flops import model_flops
 from autotune.train.model import Decoder
@@ -128,13 +129,23 @@ class Trainer:
                                       global_batch_tokens=rc.workload.budget.global_batch_tokens,
                                       seed=rc.seed)
         self.executor = StepExecutor(self.model, self.dataset.sequences, device=self.device,
-                                     autocast_dtype=autocast)
+                                     autocast_dtype=autocast, adaptive=self._adaptive(rc))
         p = rc.parallel
         self._lockstep = self.ctx.dp > 1 and (p.zero_stage == 3 or self.ctx.pp > 1)
         # ZeRO 1/2: parameters stay gathered from the first forward to the step's gradient
         # reduction, so micro-batches issue no collectives and ranks need not keep step.
         self._hold_unsharded = self.ctx.dp > 1 and self.ctx.pp == 1 and p.zero_stage in (1, 2)
         self.step_count = 0
+
+    def _adaptive(self, rc: RunConfig) -> AdaptiveCheckpointing | None:
+        ck = rc.checkpointing
+        if ck.policy != "adaptive":
+            return None
+        # parameters, gradients and two AdamW moments of this rank's (local) shards
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.params)
+        return AdaptiveCheckpointing(self.dims, budget_bytes=ck.memory_budget_gb * 1e9,
+                                     state_bytes=local * 4 * 4,
+                                     act_bytes=2 if rc.precision.dtype == "bf16" else 4)
 
     def _lr_scale(self) -> float:
         warm = self.rc.optimizer.warmup_steps

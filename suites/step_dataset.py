@@ -59,6 +59,39 @@ def sample_configs(n_single: int, n_two: int, n_bf16: int, seed: int = 0) -> lis
     return out
 
 
+def _row(rc: RunConfig, m) -> dict:  # noqa: ANN001
+    return {"config_key": _config_key(rc), "label": rc.label(),
+            "policy": rc.schedule.policy, "dtype": rc.precision.dtype,
+            "world": rc.parallel.world_size, "config_json": rc.model_dump_json(),
+            "status": m.status.value, "tokens_per_s": m.tokens_per_s,
+            "step_time_s": m.step_time_s, "step_time_iqr_s": m.step_time_iqr_s,
+            "peak_mem_bytes": m.peak_mem_bytes, "peak_rss_bytes": m.peak_rss_bytes,
+            "measurement_json": json.dumps(m.to_json_dict())}
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    data = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(data, index=False)
+    atomic_write_bytes(path, data.getvalue())
+
+
+def _repeat(out: Path, n: int, steps: int, warmup: int) -> int:
+    table = pd.read_parquet(out / "measurements.parquet")
+    pool = table[(table.status == "COMPLETE") & (table.world == 1) & (table.dtype == "fp32")]
+    picked = pool.groupby("policy", sort=False).head((n + 4) // 5).head(n)
+    rows = []
+    for rec in tqdm(list(picked.itertuples()), desc="re-measuring", unit="config", file=sys.stderr):
+        rc = RunConfig.model_validate_json(rec.config_json)
+        rows.append(_row(rc, measure(rc, steps=steps, warmup=warmup, timeout_s=900)))
+        _write(out / "repeat.parquet", rows)
+    ratio = pd.Series([r["tokens_per_s"] for r in rows]) / picked.tokens_per_s.to_numpy()
+    dev = (ratio - 1).abs()
+    print(f"{len(ratio)} configs measured twice: |second / first - 1| of tokens/s median "
+          f"{dev.median():.1%}, mean {dev.mean():.1%}, max {dev.max():.1%}; ratio range "
+          f"{ratio.min():.3f}-{ratio.max():.3f}")
+    return 0
+
+
 def _config_key(rc: RunConfig) -> str:
     return case_key(json.loads(rc.model_dump_json()))
 
@@ -72,26 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/step_dataset")
+    p.add_argument("--repeat", type=int, default=0, metavar="N",
+                   help="instead: measure N of the stored single-rank fp32 configs again "
+                        "(one per policy in turn) into repeat.parquet, and print how far the "
+                        "two measurements of each config lie apart (the noise floor any "
+                        "predictor is judged against)")
     args = p.parse_args(argv)
+    if args.repeat:
+        return _repeat(Path(args.out), args.repeat, args.steps, args.warmup)
     out = Path(args.out) / "measurements.parquet"
     table = pd.read_parquet(out) if out.exists() else pd.DataFrame()
-    done = set(table.config_key) if len(table) else set()
+    # keys of the stored configs as the current schema reads them (a new optional field
+    # changes the dump, not the config)
+    done = {_config_key(RunConfig.model_validate_json(j)) for j in table.config_json} if len(table) else set()
     configs = sample_configs(args.configs, args.two_rank, args.bf16, args.seed)
     todo = [rc for rc in configs if _config_key(rc) not in done]
     rows = table.to_dict("records") if len(table) else []
     for rc in tqdm(todo, desc="measuring", unit="config", file=sys.stderr):
-        m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=900)
-        rows.append({"config_key": _config_key(rc), "label": rc.label(),
-                     "policy": rc.schedule.policy, "dtype": rc.precision.dtype,
-                     "world": rc.parallel.world_size, "config_json": rc.model_dump_json(),
-                     "status": m.status.value, "tokens_per_s": m.tokens_per_s,
-                     "step_time_s": m.step_time_s, "step_time_iqr_s": m.step_time_iqr_s,
-                     "peak_mem_bytes": m.peak_mem_bytes, "peak_rss_bytes": m.peak_rss_bytes,
-                     "measurement_json": json.dumps(m.to_json_dict())})
-        frame = pd.DataFrame(rows)
-        data = io.BytesIO()
-        frame.to_parquet(data, index=False)
-        atomic_write_bytes(out, data.getvalue())
+        rows.append(_row(rc, measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=900)))
+        _write(out, rows)
     frame = pd.DataFrame(rows)
     ok = frame[frame.status == "COMPLETE"]
     print(f"{len(ok)} of {len(frame)} configs measured COMPLETE; "

@@ -1,14 +1,29 @@
-"""report.md of a run: the tuned config, every measured candidate, and why the winner won."""
+"""report.md of a run: the tuned config, every measured candidate, and why the winner won;
+and the markdown tables every report shares (pandas' own to_markdown needs an extra package)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from autotune.config import RunConfig, dump_yaml
 from autotune.data import Dataset
 from profilers.records import Measurement, Status
 
-__all__ = ["render_report", "trial_table"]
+__all__ = ["md_table", "render_report", "trial_table"]
+
+
+def md_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
+    """``df`` as a markdown table, index first; ``floatfmt`` maps a column to a format spec."""
+    floatfmt = floatfmt or {}
+    cols = list(df.columns)
+    lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for idx in df.index:
+        cells = [str(idx)] + [format(df.at[idx, c], floatfmt.get(c, ""))
+                              if pd.notna(df.at[idx, c]) else "-" for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _mib(n: int | None) -> str:

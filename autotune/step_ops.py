@@ -7,6 +7,10 @@ sequence mix (a ChunkFlow chunk attends over its prefix), the norms and elementw
 the lm head and cross-entropy once per micro-batch; every op forward and backward. Forwards
 run again for checkpointed layers and for ChunkFlow chunks whose activations were dropped.
 The optimizer steps once over this rank's parameters. Communication is not among these rows.
+
+Counts are linear in the number of checkpointed layers: ``count_base`` is a row's count with
+no checkpointing and ``count_ckpt`` what each checkpointed layer adds, so the search can
+price every checkpointing policy from one set of predictions.
 """
 
 from __future__ import annotations
@@ -19,17 +23,27 @@ from autotune.config import ModelDims, RunConfig
 from autotune.data.plan import ChunkGroup, MicroBatch, StepPlan
 from profilers.families import analytic_cost
 
-__all__ = ["step_op_rows"]
+__all__ = ["layer_ops", "loss_op", "op_case", "optimizer_rows", "params_per_rank", "plan_op_rows",
+           "signature", "step_op_rows"]
+
+
+def signature(mb: MicroBatch) -> tuple[int, tuple[int, ...], int]:
+    """What a micro-batch's op shapes depend on: tokens, padded segment lengths, prefix."""
+    return mb.tokens, tuple(s.padded for s in mb.segments), mb.segments[0].start
 
 
 def _micro_batch_ops(mb: MicroBatch, dims: ModelDims, tp: int, dtype: str, impl: str,
                      passes: tuple[str, ...]) -> list[tuple]:
-    """(family, op, pass, dtype, shape items) of one layer's ops for one micro-batch."""
-    t = mb.tokens
+    return layer_ops(signature(mb), dims, tp, dtype, impl, passes)
+
+
+def layer_ops(sig: tuple[int, tuple[int, ...], int], dims: ModelDims, tp: int, dtype: str,
+              impl: str, passes: tuple[str, ...]) -> list[tuple]:
+    """(family, op, pass, dtype, shape items) of one layer's ops for one micro-batch of
+    ``signature`` ``sig``."""
+    t, seqlens, prefix = sig
     q, kv, ffn = dims.q_width // tp, dims.kv_width // tp, dims.ffn // tp
     out: list[tuple] = []
-    seqlens = tuple(s.padded for s in mb.segments)
-    prefix = mb.segments[0].start
     for p in passes:
         for k, n in ((dims.hidden, q), (dims.hidden, kv), (dims.hidden, kv), (q, dims.hidden),
                      (dims.hidden, ffn), (dims.hidden, ffn), (ffn, dims.hidden)):
@@ -52,24 +66,46 @@ def _micro_batch_ops(mb: MicroBatch, dims: ModelDims, tp: int, dtype: str, impl:
     return out
 
 
-def step_op_rows(rc: RunConfig, plan: StepPlan, dims: ModelDims | None = None,
-                 params_per_rank: int | None = None) -> dict[str, pd.DataFrame]:
-    """Per family, the distinct op shapes of one rank's step with how often each runs
-    (``count``) and their analytic FLOPs and bytes."""
-    dims = dims or rc.workload.model.resolve()
-    tp, pp = rc.parallel.tp, rc.parallel.pp
+def loss_op(sig: tuple[int, tuple[int, ...], int], dims: ModelDims, dtype: str, p: str) -> tuple:
+    shape = (("tokens", sig[0]), ("hidden", dims.hidden), ("vocab", dims.vocab))
+    return ("loss", "lm_head_ce", p, dtype, shape)
+
+
+def op_case(key: tuple) -> dict:
+    """An op key as a profile-style case row with its analytic FLOPs and bytes."""
+    family, op, p, dt, shape = key
+    case = {"family": family, "op": op, "pass": p, "dtype": dt,
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in shape}}
+    flops, nbytes = analytic_cost(case)
+    return case | {"flops": flops, "bytes": nbytes}
+
+
+def _rows(counts: Counter, ckpt_counts: Counter) -> dict[str, pd.DataFrame]:
+    rows: dict[str, list[dict]] = {}
+    for key, n in counts.items():
+        rows.setdefault(key[0], []).append(op_case(key) | {"count_base": n,
+                                                          "count_ckpt": ckpt_counts.get(key, 0)})
+    return {fam: pd.DataFrame(r) for fam, r in rows.items()}
+
+
+def plan_op_rows(plan: StepPlan, dims: ModelDims, *, tp: int = 1, pp: int = 1,
+                 dtype: str = "fp32", impl: str = "sdpa", last_stage: bool = True
+                 ) -> dict[str, pd.DataFrame]:
+    """Per family, the distinct op shapes of one pipeline stage's step (``pp`` stages of
+    equal depth) with ``count_base`` and ``count_ckpt``; the optimizer is not included."""
     layers = dims.layers // pp
-    ckpt = min(rc.checkpointing.checkpointed_layers(dims.layers), dims.layers) // pp
-    dtype, impl = rc.precision.dtype, rc.kernels.attention
     counts: Counter = Counter()
+    ckpt_counts: Counter = Counter()
 
     def add(mb: MicroBatch, forward_again: bool) -> None:
-        again = layers if forward_again else ckpt  # layers whose forward runs a second time
         for op in _micro_batch_ops(mb, dims, tp, dtype, impl, ("fwd", "bwd")):
-            counts[op] += layers + (again if op[2] == "fwd" else 0)
-        shape = (("tokens", mb.tokens), ("hidden", dims.hidden), ("vocab", dims.vocab))
-        counts[("loss", "lm_head_ce", "fwd", dtype, shape)] += 1 + int(forward_again)
-        counts[("loss", "lm_head_ce", "bwd", dtype, shape)] += 1
+            again = op[2] == "fwd"
+            counts[op] += layers + (layers if again and forward_again else 0)
+            if again and not forward_again:  # a dropped chunk re-runs every layer anyway
+                ckpt_counts[op] += 1
+        if last_stage:
+            counts[loss_op(signature(mb), dims, dtype, "fwd")] += 1 + int(forward_again)
+            counts[loss_op(signature(mb), dims, dtype, "bwd")] += 1
 
     for unit in plan.units:
         if isinstance(unit, ChunkGroup):
@@ -78,19 +114,34 @@ def step_op_rows(rc: RunConfig, plan: StepPlan, dims: ModelDims | None = None,
                 add(mb, forward_again=j < redo)
         else:
             add(unit, forward_again=False)
-    if params_per_rank is None:
-        params_per_rank = dims.total_params() // (tp * pp)
-        if rc.parallel.zero_stage >= 1:
-            params_per_rank //= rc.parallel.dp
-    counts[("optimizer", "adamw", "step", "fp32",
-            (("numel", int(params_per_rank)), ("tensors", dims.layers * 9 // pp + 3),
-             ("foreach", True)))] += 1
+    return _rows(counts, ckpt_counts)
 
-    rows: dict[str, list[dict]] = {}
-    for (family, op, p, dt, shape), n in counts.items():
-        case = {"family": family, "op": op, "pass": p, "dtype": dt,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in shape}}
-        flops, nbytes = analytic_cost(case)
-        rows.setdefault(family, []).append(case | {"flops": flops, "bytes": nbytes, "count": n})
-    return {fam: pd.DataFrame(r) for fam, r in rows.items()}
 
+def params_per_rank(dims: ModelDims, tp: int, pp: int, dp: int, zero_stage: int) -> int:
+    """Parameters whose optimizer state this rank holds."""
+    n = dims.total_params() // (tp * pp)
+    return n // dp if zero_stage >= 1 else n
+
+
+def optimizer_rows(numel: int, tensors: int) -> pd.DataFrame:
+    """The one fused AdamW step over ``numel`` fp32 parameters in ``tensors`` tensors."""
+    key = ("optimizer", "adamw", "step", "fp32",
+           (("numel", int(numel)), ("tensors", int(tensors)), ("foreach", True)))
+    return _rows(Counter({key: 1}), Counter())["optimizer"]
+
+
+def step_op_rows(rc: RunConfig, plan: StepPlan, dims: ModelDims | None = None,
+                 params: int | None = None) -> dict[str, pd.DataFrame]:
+    """Per family, the distinct op shapes of one rank's step under ``rc`` with how often each
+    runs (``count``) and their analytic FLOPs and bytes."""
+    dims = dims or rc.workload.model.resolve()
+    p = rc.parallel
+    ckpt = min(rc.checkpointing.checkpointed_layers(dims.layers), dims.layers) // p.pp
+    rows = plan_op_rows(plan, dims, tp=p.tp, pp=p.pp, dtype=rc.precision.dtype,
+                        impl=rc.kernels.attention)
+    if params is None:
+        params = params_per_rank(dims, p.tp, p.pp, p.dp, p.zero_stage)
+    rows["optimizer"] = optimizer_rows(params, dims.layers * 9 // p.pp + 3)
+    for frame in rows.values():
+        frame["count"] = frame["count_base"] + ckpt * frame["count_ckpt"]
+    return rows

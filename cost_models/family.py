@@ -19,7 +19,8 @@ import pandas as pd
 from cost_models.features import FEATURE_VERSION, Ceilings, family_features, feature_names
 from cost_models.prior import roofline_time
 
-__all__ = ["MIN_SAMPLES", "FamilyModel", "ModelMismatch", "fit_family", "target_seconds"]
+__all__ = ["KERNEL_KNOBS", "MIN_SAMPLES", "FamilyModel", "FamilyRanker", "ModelMismatch",
+           "fit_family", "instance_keys", "target_seconds"]
 
 MIN_SAMPLES = 30  # below this a family keeps the prior: trees on fewer rows mostly memorize
 _PARAMS = {"objective": "reg:squarederror", "eta": 0.1, "max_depth": 5, "subsample": 0.9,
@@ -111,3 +112,89 @@ def fit_family(family: str, rows: pd.DataFrame, ceilings: Ceilings, fingerprint:
                      feature_names=list(x.columns), base_margin=np.log(roofline_time(ok, ceilings)))
     booster = xgb.train(_PARAMS, dm, num_boost_round=rounds)
     return FamilyModel(family, fingerprint, len(ok), booster)
+
+
+# Kernel configs the step can choose per op, by family: a ranker orders them per instance.
+KERNEL_KNOBS = {"attention": ("impl",)}
+# What makes two rows the same op instance apart from its kernel config.
+_INSTANCE = {"attention": ("op", "pass", "dtype", "heads", "kv_heads", "head_dim", "seqlens",
+                           "prefix")}
+
+
+def instance_keys(family: str, rows: pd.DataFrame) -> pd.Series:
+    """One string per op instance (the shape without its kernel config)."""
+    cols = [c for c in _INSTANCE[family] if c in rows]
+    parts = [rows[c].map(lambda v: str(list(v)) if hasattr(v, "__len__") and not isinstance(v, str)
+                         else str(v)) for c in cols]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + "|" + part
+    return out
+
+
+@dataclass
+class FamilyRanker:
+    """XGBoost ``rank:pairwise`` over the kernel configs of one op instance: which config
+    is fastest, learned from instances profiled under several configs. Saved as
+    ``<family>.ranker.json`` plus its metadata."""
+
+    family: str
+    fingerprint: str
+    n_groups: int
+    booster: object
+
+    @classmethod
+    def fit(cls, family: str, rows: pd.DataFrame, ceilings: Ceilings,
+            fingerprint: str) -> FamilyRanker | None:
+        """None when no instance was profiled under two configs or more."""
+        import xgboost as xgb
+
+        ok = rows[rows.status == "COMPLETE"].copy()
+        ok["_instance"] = instance_keys(family, ok).to_numpy()
+        sizes = ok.groupby("_instance").size()
+        ok = ok[ok["_instance"].isin(sizes[sizes > 1].index)].sort_values("_instance")
+        if ok.empty:
+            return None
+        # relevance: how many configs of the instance this one beats
+        seconds = pd.Series(target_seconds(ok), index=ok.index)
+        relevance = seconds.groupby(ok["_instance"]).rank(ascending=False) - 1
+        x = family_features(family, ok, ceilings)
+        dm = xgb.DMatrix(x.to_numpy(float), label=relevance.to_numpy(float),
+                         feature_names=list(x.columns))
+        dm.set_group(ok.groupby("_instance", sort=True).size().to_numpy())
+        booster = xgb.train({"objective": "rank:pairwise", "eta": 0.1, "max_depth": 4,
+                             "seed": 0, "nthread": 0}, dm, num_boost_round=100)
+        return cls(family, fingerprint, int(ok["_instance"].nunique()), booster)
+
+    def scores(self, rows: pd.DataFrame, ceilings: Ceilings) -> np.ndarray:
+        """Higher is faster, comparable within an instance."""
+        import xgboost as xgb
+
+        x = family_features(self.family, rows, ceilings)
+        return self.booster.predict(xgb.DMatrix(x.to_numpy(float), feature_names=list(x.columns)))
+
+    def save(self, folder: Path) -> None:
+        from profilers.store import atomic_write_text
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / f"{self.family}.ranker.json",
+                          self.booster.save_raw(raw_format="json").decode())
+        meta = {"family": self.family, "feature_version": FEATURE_VERSION,
+                "features": feature_names(self.family), "fingerprint": self.fingerprint,
+                "n_groups": self.n_groups, "kind": "ranker"}
+        atomic_write_text(folder / f"{self.family}.ranker.meta.json", json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path, family: str, fingerprint: str) -> FamilyRanker:
+        import xgboost as xgb
+
+        path = Path(folder) / f"{family}.ranker.meta.json"
+        meta = json.loads(path.read_text())
+        if meta.get("feature_version") != FEATURE_VERSION or meta.get("fingerprint") != fingerprint:
+            raise ModelMismatch(f"{path}: fitted on feature version {meta.get('feature_version')} "
+                                f"and fingerprint {meta.get('fingerprint')}; this is "
+                                f"{FEATURE_VERSION} and {fingerprint}; re-run `autotune fit`")
+        booster = xgb.Booster()
+        booster.load_model(str(Path(folder) / f"{family}.ranker.json"))
+        return cls(family, fingerprint, int(meta["n_groups"]), booster)

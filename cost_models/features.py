@@ -20,7 +20,7 @@ from profilers.families import _causal_pairs
 
 __all__ = ["FEATURE_VERSION", "Ceilings", "family_features", "feature_names"]
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: the attention kernel (impl) is a feature
 
 _DIMS = {
     "gemm": ("m", "n", "k"),
@@ -32,6 +32,7 @@ _DIMS = {
 _PASS = {"fwd": 0, "bwd": 1, "step": 2}
 _DTYPE = {"fp32": 0, "bf16": 1}
 _NORM_OPS = ("rms_norm", "rope", "swiglu", "add")
+_IMPL = {"sdpa": 0, "eager": 1}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def feature_names(family: str) -> list[str]:
     if family in ("gemm", "attention", "norm", "loss"):
         names += ["align16", "align64"]
     if family == "attention":
-        names += ["log2_tokens", "n_seqs", "log2_max_len", "log2_prefix", "log2_pairs", "prefix_op"]
+        names += ["log2_tokens", "n_seqs", "log2_max_len", "log2_prefix", "log2_pairs", "prefix_op",
+                  "impl"]
     if family == "norm":
         names += [f"op_{op}" for op in _NORM_OPS]
     return names
@@ -102,6 +104,8 @@ def family_features(family: str, rows: pd.DataFrame, ceilings: Ceilings) -> pd.D
         f["log2_prefix"] = _log2(prefix)
         f["log2_pairs"] = _log2([_causal_pairs(s, p) for s, p in zip(seqlens, prefix)])
         f["prefix_op"] = (rows["op"] == "prefix").to_numpy(float)
+        impl = rows["impl"] if "impl" in rows else pd.Series("sdpa", rows.index)
+        f["impl"] = impl.map(_IMPL).to_numpy(float)
     if family == "norm":
         for op in _NORM_OPS:
             f[f"op_{op}"] = (rows["op"] == op).to_numpy(float)

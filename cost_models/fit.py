@@ -13,12 +13,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cost_models.family import FamilyModel, fit_family, target_seconds
+from cost_models.family import (
+    KERNEL_KNOBS,
+    FamilyModel,
+    FamilyRanker,
+    fit_family,
+    instance_keys,
+    target_seconds,
+)
 from cost_models.features import Ceilings, family_features
 from cost_models.prior import roofline_time
 from profilers.families import OP_FAMILIES
 
-__all__ = ["evaluate", "fit_all", "held_out", "load_family"]
+__all__ = ["evaluate", "fit_all", "fit_rankers", "held_out", "kernel_choice", "load_family"]
 
 _COMMON = ["log2_flops", "log2_bytes", "intensity", "dtype", "pass", "log2_peak_flops",
            "log2_bandwidth"]
@@ -106,3 +113,53 @@ def evaluate(store, fraction: float = 0.2) -> pd.DataFrame:  # noqa: ANN001
                         "test": len(truth), "mape": float(np.mean(np.abs(pred - truth) / truth)),
                         "kendall_tau": float(tau)})
     return pd.DataFrame(out)
+
+
+def kernel_choice(store, fraction: float = 0.3) -> pd.DataFrame:  # noqa: ANN001
+    """Choosing each held-out op instance's kernel config: the ranker's pick, the per-family
+    regressor's (fastest predicted) and the prior's, against the measured fastest. ``top1``
+    is the share of instances where the pick is the fastest, ``top1_score`` the mean of
+    fastest time / picked time (1.0 is perfect). Held out by instance, never by row."""
+    ceilings = Ceilings.from_table(store.load("ceiling"))
+    out = []
+    for family in KERNEL_KNOBS:
+        rows = load_family(store, family)
+        if len(rows) == 0:
+            continue
+        rows = rows.assign(_instance=instance_keys(family, rows).to_numpy())
+        sizes = rows.groupby("_instance").size()
+        rows = rows[rows["_instance"].isin(sizes[sizes > 1].index)].reset_index(drop=True)
+        if rows.empty:
+            continue
+        test_mask = held_out(rows["_instance"], fraction)
+        train, test = rows[~test_mask], rows[test_mask].reset_index(drop=True)
+        ranker = FamilyRanker.fit(family, train, ceilings, store.fingerprint_key)
+        if ranker is None or test.empty:
+            continue
+        regressor = fit_family(family, train, ceilings, store.fingerprint_key)
+        truth = target_seconds(test)
+        picks = {"ranker": -ranker.scores(test, ceilings),
+                 "per-family regressor": regressor.predict(test, ceilings),
+                 "prior": roofline_time(test, ceilings)}
+        for name, cost in picks.items():
+            frame = pd.DataFrame({"instance": test["_instance"], "truth": truth, "cost": cost})
+            chosen = frame.loc[frame.groupby("instance").cost.idxmin()].set_index("instance").truth
+            best = frame.groupby("instance").truth.min()
+            out.append({"family": family, "chooser": name, "train_instances":
+                        int(train["_instance"].nunique()), "test_instances": len(best),
+                        "top1": float((chosen.loc[best.index] == best).mean()),
+                        "top1_score": float((best / chosen.loc[best.index]).mean())})
+    return pd.DataFrame(out)
+
+
+def fit_rankers(store) -> dict[str, FamilyRanker]:  # noqa: ANN001
+    """A kernel-config ranker per family whose profile holds instances under two configs."""
+    ceilings = Ceilings.from_table(store.load("ceiling"))
+    out = {}
+    for family in KERNEL_KNOBS:
+        rows = load_family(store, family)
+        if len(rows):
+            ranker = FamilyRanker.fit(family, rows, ceilings, store.fingerprint_key)
+            if ranker is not None:
+                out[family] = ranker
+    return out

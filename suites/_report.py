@@ -1,23 +1,10 @@
-"""Markdown for the suites' reports (pandas' own to_markdown needs an extra package)."""
+"""What the suites' reports share: markdown tables and the host line."""
 
 from __future__ import annotations
 
-import pandas as pd
+from autotune.report import md_table
 
 __all__ = ["host_line", "md_table"]
-
-
-def md_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
-    """``df`` as a markdown table, index first; ``floatfmt`` maps a column to a format spec."""
-    floatfmt = floatfmt or {}
-    cols = list(df.columns)
-    lines = ["| " + " | ".join([df.index.name or ""] + cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for idx in df.index:
-        cells = [str(idx)] + [format(df.at[idx, c], floatfmt.get(c, ""))
-                              if pd.notna(df.at[idx, c]) else "-" for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def host_line() -> str:

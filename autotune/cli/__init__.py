@@ -24,12 +24,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build() -> argparse.ArgumentParser:
-    from autotune.cli import measure_cmd, profile_cmd, run_cmd, trace_cmd, train_cmd
+    from autotune.cli import (
+        fit_cmd,
+        measure_cmd,
+        predict_cmd,
+        profile_cmd,
+        run_cmd,
+        trace_cmd,
+        train_cmd,
+    )
 
     parser = _Parser(prog="autotune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (run_cmd, train_cmd, measure_cmd, profile_cmd, trace_cmd):
+    for module in (run_cmd, train_cmd, measure_cmd, profile_cmd, trace_cmd, fit_cmd,
+                   predict_cmd):
         module.register(sub)
     return parser
 

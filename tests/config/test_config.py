@@ -177,3 +177,10 @@ def test_search_space_grid_is_valid_and_refuses_with_the_rule() -> None:
 def test_examples_in_the_readme_are_valid(path: Path) -> None:
     rc = load_yaml(RunConfig, path)
     assert rule_violations(rc) == []
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "spaces").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_spaces_are_valid(path: Path) -> None:
+    space = load_yaml(SearchSpace, path)
+    assert list(space.grid(Workload()))  # at least one candidate

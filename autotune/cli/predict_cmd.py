@@ -1,0 +1,63 @@
+"""``autotune predict RUNCONFIG``: the step model's prediction of a config, without running it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autotune.cli._common import load_runconfig, non_negative_int, positive_int, print_json
+from autotune.errors import UserError
+
+DEFAULT_MODELS = Path("models")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict a RunConfig's step time, throughput and memory")
+    p.add_argument("runconfig", help="RunConfig YAML")
+    p.add_argument("--models", help=f"fitted models from `autotune fit` (default {DEFAULT_MODELS}/ "
+                                    f"when present, else the analytic prior on this machine's "
+                                    f"measured ceilings)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="global batches skipped before the priced ones (default 1)")
+    p.add_argument("--steps", type=positive_int, default=3,
+                   help="global batches priced and averaged (default 3)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.set_defaults(func=run)
+
+
+def load_models(folder: str | None, device: str):  # noqa: ANN201
+    """Fitted models (refused, one line, when they belong to another machine), or the prior."""
+    from autotune.predict import default_models
+    from cost_models.family import ModelMismatch
+
+    if folder is None and (DEFAULT_MODELS / "models.json").exists():
+        folder = str(DEFAULT_MODELS)
+    if folder is not None and not Path(folder).is_dir():
+        raise UserError(f"--models {folder}: no such folder; fit one with `autotune fit`")
+    try:
+        return default_models(folder, device)
+    except ModelMismatch as exc:
+        raise UserError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from autotune.predict import StepPredictor
+
+    rc, _ = load_runconfig(args.runconfig)
+    models = load_models(args.models, rc.workload.hardware.device)
+    pred = StepPredictor(models, warmup=args.warmup, steps=args.steps).predict(rc)
+    if args.json:
+        print_json({"config": rc.label()} | pred.to_json_dict())
+        return 0
+    how = (f"calibrated by {pred.residual_measurements} measured steps" if pred.calibration == "measured"
+           else "prior only: no measured step has calibrated it")
+    print(f"{rc.label()}: {pred.tokens_per_s:,.0f} tokens/s, step {pred.step_time_s:.3f} s, "
+          f"peak memory {pred.peak_mem_bytes / 2**20:,.0f} MiB per rank ({how})")
+    total = sum(pred.breakdown.values())
+    for part, seconds in pred.breakdown.items():
+        if seconds:
+            print(f"  {part:<10} {seconds:9.4f} s  {seconds / total:6.1%}")
+    for part, source in pred.sources.items():
+        print(f"  source {part}: {source}", file=sys.stderr)
+    return 0

@@ -1,0 +1,448 @@
+"""Predicted step time, throughput and peak memory of RunConfigs, many at a time.
+
+A config is priced on the global batches its own training run would see (the trainer's seeded
+stream after its warm-up steps), planned by its scheduling policy into each data-parallel
+rank's micro-batches: the sequence mix of every micro-batch is real, not an average. The
+expensive parts are shared across configs: plans depend only on the workload, the schedule
+and dp; op-row predictions only on the plan, tp, pp, dtype and attention kernel (and are
+linear in the number of checkpointed layers, so every checkpointing policy costs one
+multiply-add). Each op family is predicted in one batched call for all configs at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from autotune.config import ModelDims, RunConfig
+from autotune.data import global_batches, load_dataset, make_policy
+from autotune.data.plan import ChunkGroup, MicroBatch, StepPlan
+from autotune.step_ops import (
+    layer_ops,
+    loss_op,
+    op_case,
+    optimizer_rows,
+    params_per_rank,
+    signature,
+)
+from cost_models.bundle import StepModels
+from cost_models.features import Ceilings
+from cost_models.step import (
+    MEMORY_FEATURES,
+    StepPrediction,
+    activation_bytes_per_token,
+    alpha_beta,
+    family_seconds,
+)
+
+__all__ = ["StepPredictor", "complete_ceilings", "default_models", "prior_models"]
+
+_FAMILIES = ("gemm", "attention", "norm", "loss")
+_DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucket
+
+
+@dataclass
+class _Plans:
+    """One workload + schedule + dp: the sampled steps' plans per data-parallel rank."""
+
+    steps: list[list[StepPlan]]  # [step][dp rank]
+    real_tokens: np.ndarray  # per step, all ranks
+    units: list[list[np.ndarray]]  # [step][rank] -> unit rows (see _unit_rows)
+    padded: np.ndarray  # [step, rank] padded tokens
+    micro_batches: np.ndarray  # [step, rank]
+    longest: np.ndarray  # [step, rank] longest real segment
+    entries: list | None = None  # [step][rank] -> (signature ids, forward-again flags)
+
+
+def _unit_rows(plan: StepPlan) -> np.ndarray:
+    """Per unit of work (a micro-batch, or a ChunkFlow group): tokens that keep activations,
+    their attention pairs, the tokens one recompute rematerializes, the key/value prefix,
+    and the tokens of the widest logits."""
+    out = []
+    for unit in plan.units:
+        if isinstance(unit, ChunkGroup):
+            kept = unit.chunks[len(unit.chunks) - unit.keep:]
+            widest = max(c.tokens for c in unit.chunks)
+            kept_tokens = sum(c.tokens for c in kept)
+            pairs = sum(_pairs(c) for c in kept)
+            prefix = sum(c.segments[0].length for c in unit.chunks[:-1])
+            out.append((max(kept_tokens, widest), pairs, widest, prefix, widest))
+        else:
+            out.append((unit.tokens, _pairs(unit), unit.tokens, 0, unit.tokens))
+    return np.array(out, dtype=float).reshape(-1, 5)
+
+
+def _pairs(mb: MicroBatch) -> float:
+    """Score-matrix entries: each segment attends over its prefix and itself."""
+    return float(sum(s.padded * (s.padded + s.start) for s in mb.segments))
+
+
+class StepPredictor:
+    """``predict(rc)`` for one config, ``predict_many(rcs)`` for a batch (the search's
+    path); ``warmup`` and ``steps`` pick the global batches priced, as ``autotune measure``
+    would run them."""
+
+    def __init__(self, models: StepModels, *, warmup: int = 1, steps: int = 3) -> None:
+        self.models = models
+        self.warmup, self.steps = warmup, steps
+        self._data: dict[str, object] = {}
+        self._plans: dict[tuple, _Plans] = {}
+        self._compute: dict[tuple, np.ndarray] = {}  # -> [step, rank, family, (base, ckpt)]
+        self._sigs: dict[tuple, int] = {}  # micro-batch signature -> id
+        self._sig_cost: dict[tuple, np.ndarray] = {}  # kernel key -> [signature, costs]
+        self._optimizer: dict[tuple, float] = {}
+        self._ab: dict[tuple, tuple[float, float, str]] = {}
+
+    # ---- shared parts -------------------------------------------------------------------
+    def _plan_key(self, rc: RunConfig) -> tuple:
+        wl = rc.workload
+        return (wl.model.model_dump_json(), wl.data.model_dump_json(),
+                wl.budget.global_batch_tokens, rc.schedule.model_dump_json(), rc.parallel.dp,
+                rc.seed)
+
+    def _plans_for(self, rc: RunConfig, key: tuple, dims: ModelDims) -> _Plans:
+        if key in self._plans:
+            return self._plans[key]
+        dkey = key[1] + key[0]
+        if dkey not in self._data:
+            self._data[dkey] = load_dataset(rc.workload.data, dims)
+        data = self._data[dkey]
+        policy = make_policy(rc, dims, data_max_len=data.max_len)
+        stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
+                                seed=rc.seed)
+        for _ in range(self.warmup):
+            next(stream)
+        steps, real = [], []
+        for _ in range(self.steps):
+            ids = next(stream)
+            steps.append(policy.plan_ranks(data.lengths[ids], rc.parallel.dp))
+            real.append(int(data.lengths[ids].sum()))
+        units = [[_unit_rows(p) for p in ranks] for ranks in steps]
+        padded = np.array([[sum(mb.tokens for mb in p.micro_batches()) for p in r] for r in steps], float)
+        mbs = np.array([[sum(1 for _ in p.micro_batches()) for p in r] for r in steps], float)
+        longest = np.array([[max((seg.length for mb in p.micro_batches() for seg in mb.segments),
+                                 default=0) for p in r] for r in steps], float)
+        self._plans[key] = out = _Plans(steps, np.array(real, float), units, padded, mbs, longest)
+        return out
+
+    def _entries(self, plans: _Plans) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per step and rank: each micro-batch's signature id, and whether its forward runs
+        again whatever the checkpointing (a ChunkFlow chunk whose activations were dropped)."""
+        if plans.entries is None:
+            out = []
+            for ranks in plans.steps:
+                row = []
+                for plan in ranks:
+                    ids, again = [], []
+                    for unit in plan.units:
+                        chunks = unit.chunks if isinstance(unit, ChunkGroup) else (unit,)
+                        redo = len(chunks) - unit.keep if isinstance(unit, ChunkGroup) else 0
+                        for j, mb in enumerate(chunks):
+                            ids.append(self._sigs.setdefault(signature(mb), len(self._sigs)))
+                            again.append(j < redo)
+                    row.append((np.array(ids, int), np.array(again, bool)))
+                out.append(row)
+            plans.entries = out
+        return plans.entries
+
+    def _price_signatures(self, kkey: tuple, dims: ModelDims, needed: set[int]) -> np.ndarray:
+        """Per signature under one kernel key (dims, tp, dtype, attention kernel): seconds of
+        one layer's forward and backward per family, of the loss forward and backward, and
+        the op runs of a layer's forward and backward; every op shape priced once, one model
+        call per family."""
+        _, tp, dtype, impl = kkey
+        cost = self._sig_cost.get(kkey)
+        width = 2 * len(_FAMILIES) + 4
+        if cost is None or len(cost) < len(self._sigs):
+            grown = np.full((len(self._sigs), width), np.nan)
+            if cost is not None:
+                grown[:len(cost)] = cost
+            cost = self._sig_cost[kkey] = grown
+        todo = [i for i in needed if np.isnan(cost[i, 0])]
+        if not todo:
+            return cost
+        sigs = list(self._sigs)
+        op_index: dict[tuple, int] = {}
+        links = []  # (signature id, column, op index)
+        for i in todo:
+            sig = sigs[i]
+            for p, base in (("fwd", 0), ("bwd", len(_FAMILIES))):
+                for op in layer_ops(sig, dims, tp, dtype, impl, (p,)):
+                    links.append((i, base + _FAMILIES.index(op[0]), op_index.setdefault(op, len(op_index))))
+                op = loss_op(sig, dims, dtype, p)
+                links.append((i, 2 * len(_FAMILIES) + (p == "bwd"),
+                              op_index.setdefault(op, len(op_index))))
+        seconds = np.zeros(len(op_index))
+        keys = list(op_index)
+        for fam in _FAMILIES:
+            idx = [j for j, k in enumerate(keys) if k[0] == fam]
+            if idx:
+                rows = pd.DataFrame([op_case(keys[j]) for j in idx])
+                seconds[idx] = family_seconds(rows, fam, self.models.ceilings, self.models.families)
+        link = np.array(links)
+        block = np.zeros((len(self._sigs), width))
+        np.add.at(block, (link[:, 0], link[:, 1]), seconds[link[:, 2]])
+        is_layer = link[:, 1] < 2 * len(_FAMILIES)
+        runs_col = np.where(link[:, 1] < len(_FAMILIES), width - 2, width - 1)
+        np.add.at(block, (link[is_layer, 0], runs_col[is_layer]), 1.0)
+        cost[todo] = block[todo]
+        return cost
+
+    def _compute_for(self, ckey: tuple, plans: _Plans, dims: ModelDims) -> np.ndarray:
+        """[step, rank, family + runs, (no checkpointing, per checkpointed layer)]."""
+        if ckey in self._compute:
+            return self._compute[ckey]
+        _, tp, pp, dtype, impl = ckey
+        kkey = (dims.model_dump_json(), tp, dtype, impl)
+        entries = self._entries(plans)
+        needed = {int(i) for row in entries for ids, _ in row for i in ids}
+        cost = self._price_signatures(kkey, dims, needed)
+        layers = dims.layers // pp
+        nf = len(_FAMILIES)
+        out = np.zeros((len(entries), len(entries[0]), nf + 1, 2))
+        for s, row in enumerate(entries):
+            for r, (ids, again) in enumerate(row):
+                c = cost[ids]
+                fwd, bwd = c[:, :nf], c[:, nf:2 * nf]
+                lf, lb, rf, rb = c[:, 2 * nf], c[:, 2 * nf + 1], c[:, 2 * nf + 2], c[:, 2 * nf + 3]
+                a = again.astype(float)[:, None]
+                fam = layers * (fwd + bwd) + layers * a * fwd
+                out[s, r, :nf, 0] = fam.sum(0)
+                out[s, r, _FAMILIES.index("loss"), 0] += (lf * (1 + a[:, 0]) + lb).sum()
+                out[s, r, :nf, 1] = ((1 - a) * fwd).sum(0)
+                runs = layers * (rf + rb) + layers * a[:, 0] * rf + 2 + a[:, 0]
+                out[s, r, nf, 0] = runs.sum()
+                out[s, r, nf, 1] = ((1 - a[:, 0]) * rf).sum()
+        self._compute[ckey] = out
+        return out
+
+    def _alpha_beta(self, collective: str, ranks: int, device: str) -> tuple[float, float, str]:
+        key = (collective, ranks, device)
+        if key not in self._ab:
+            self._ab[key] = alpha_beta(collective, ranks, self.models.collective_fits, device)
+        return self._ab[key]
+
+    def _optimizer_s(self, numel: int, tensors: int) -> float:
+        key = (numel, tensors)
+        if key not in self._optimizer:
+            rows = optimizer_rows(numel, tensors)
+            self._optimizer[key] = float(family_seconds(rows, "optimizer", self.models.ceilings,
+                                                        self.models.families)[0])
+        return self._optimizer[key]
+
+    def _prefetch(self, keyed: list[tuple]) -> None:
+        """Price every signature the batch needs per kernel key in one pass, so that each
+        family's model is called once per kernel key rather than once per plan."""
+        need: dict[tuple, tuple[ModelDims, set[int]]] = {}
+        for _, dims, plans, ckey in keyed:
+            if ckey in self._compute:
+                continue
+            _, tp, _, dtype, impl = ckey
+            kkey = (dims.model_dump_json(), tp, dtype, impl)
+            ids = need.setdefault(kkey, (dims, set()))[1]
+            for row in self._entries(plans):
+                for sig_ids, _ in row:
+                    ids.update(int(i) for i in sig_ids)
+        for kkey, (dims, ids) in need.items():
+            self._price_signatures(kkey, dims, ids)
+
+    # ---- composition --------------------------------------------------------------------
+    def compose(self, rcs: list[RunConfig]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+        """Per config: the composed (pre-residual) breakdown and the residual's features,
+        and its units' memory features (one row per unit, ``MEMORY_FEATURES`` columns)."""
+        dims_cache: dict[str, ModelDims] = {}
+        keyed = []
+        for rc in rcs:
+            mkey = rc.workload.model.model_dump_json()
+            if mkey not in dims_cache:
+                dims_cache[mkey] = rc.workload.model.resolve()
+            dims = dims_cache[mkey]
+            pkey = self._plan_key(rc)
+            plans = self._plans_for(rc, pkey, dims)
+            ckey = (pkey, rc.parallel.tp, rc.parallel.pp, rc.precision.dtype, rc.kernels.attention)
+            keyed.append((rc, dims, plans, ckey))
+        self._prefetch(keyed)
+        rows, units = [], []
+        for rc, dims, plans, ckey in keyed:
+            row, unit = self._compose_one(rc, dims, plans, self._compute_for(ckey, plans, dims))
+            rows.append(row)
+            units.append(unit)
+        return pd.DataFrame(rows), units
+
+    @staticmethod
+    def unit_frame(units: list[np.ndarray], index: Sequence[int] | None = None) -> pd.DataFrame:
+        """The memory-unit arrays of ``compose`` as one frame, ``config`` naming each
+        unit's config (its position, or ``index[position]``)."""
+        index = np.arange(len(units)) if index is None else np.asarray(index)
+        frame = pd.DataFrame(np.vstack(units), columns=list(MEMORY_FEATURES))
+        frame["config"] = np.repeat(index, [len(u) for u in units])
+        return frame
+
+    def _compose_one(self, rc: RunConfig, dims: ModelDims, plans: _Plans,
+                     compute: np.ndarray) -> tuple[dict, np.ndarray]:
+        p, dev = rc.parallel, rc.workload.hardware.device
+        layers = dims.layers // p.pp
+        ckpt = min(rc.checkpointing.checkpointed_layers(dims.layers), dims.layers) // p.pp
+        total = compute[..., 0] + ckpt * compute[..., 1]  # [step, rank, family + runs]
+        fam, runs = total[..., :-1], total[..., -1]
+        per_rank = fam.sum(-1)
+        slow = per_rank.argmax(1)  # the replica every step waits for
+        steps = np.arange(len(slow))
+        fam_s = fam[steps, slow].mean(0)
+        compute_s = float(per_rank.max(1).mean())
+        recompute_s = float((ckpt * compute[..., :-1, 1])[steps, slow].sum(-1).mean())
+        op_runs = float(runs[steps, slow].mean())
+        params = params_per_rank(dims, p.tp, p.pp, p.dp, p.zero_stage)
+        opt_s = self._optimizer_s(params, dims.layers * 9 // p.pp + 3)
+        act_bytes = 2 if rc.precision.dtype == "bf16" else 4
+        mbs = plans.micro_batches[steps, slow].mean()
+        padded = plans.padded[steps, slow].mean()
+        breakdown = {f: float(v) for f, v in zip(_FAMILIES, fam_s)} | {"optimizer": opt_s}
+        sources = {}
+        # tensor parallel: two all-reduces of the block's output forward, two backward, per
+        # layer and micro-batch; recomputed forwards repeat theirs
+        a, b, sources["tp"] = self._alpha_beta("all_reduce", p.tp, dev)
+        tp_calls = mbs * (4 * layers + 2 * ckpt)
+        breakdown["comm_tp"] = tp_calls * a + padded * (4 * layers + 2 * ckpt) * dims.hidden * act_bytes * b
+        shard_bytes = dims.total_params() // (p.tp * p.pp) * 4
+        if p.zero_stage == 0:
+            a, b, sources["dp"] = self._alpha_beta("all_reduce", p.dp, dev)
+            breakdown["comm_dp"] = math.ceil(shard_bytes / _DDP_BUCKET_BYTES) * a + shard_bytes * b
+        else:
+            units = layers + 1  # one FSDP unit per block plus the root
+            gathers = 1 if p.zero_stage < 3 else 2 * mbs
+            ag = self._alpha_beta("all_gather", p.dp, dev)
+            rs = self._alpha_beta("reduce_scatter", p.dp, dev)
+            sources["dp"] = ag[2]
+            breakdown["comm_dp"] = (gathers * (units * ag[0] + shard_bytes * ag[1])
+                                    + units * rs[0] + shard_bytes * rs[1])
+        a, b, sources["pp"] = self._alpha_beta("send_recv", 2 if p.pp > 1 else 1, dev)
+        breakdown["comm_pp"] = 2 * (mbs * a + padded * dims.hidden * act_bytes * b) if p.pp > 1 else 0.0
+        breakdown["bubble"] = compute_s * (p.pp - 1) / max(mbs, 1.0)
+        comm = breakdown["comm_tp"] + breakdown["comm_dp"] + breakdown["comm_pp"]
+        composed = compute_s + opt_s + comm + breakdown["bubble"]
+        row = {
+            "composed_step_s": composed, "tokens_per_step": float(plans.real_tokens.mean()),
+            "compute_s": compute_s + opt_s, "comm_s": comm, "bubble_s": breakdown["bubble"],
+            "log_compute_s": math.log(compute_s + opt_s), "comm_share": comm / composed,
+            "log_tokens_per_micro_batch": math.log(padded / max(mbs, 1.0)),
+            "log_micro_batches": math.log(max(mbs, 1.0)),
+            "padding_fraction": 1 - plans.real_tokens.mean() / (padded * p.dp),
+            "attention_share": breakdown["attention"] / max(compute_s, 1e-12),
+            "recompute_share": recompute_s / max(compute_s, 1e-12),
+            "world": p.world_size, "dp": p.dp, "tp": p.tp, "pp": p.pp,
+            "zero_stage": p.zero_stage, "bf16": float(rc.precision.dtype == "bf16"),
+            "op_runs": op_runs, "cpu_ranks_sharing": self._sharing(rc),
+            "breakdown": breakdown, "sources": sources,
+        }
+        return row, self._memory_units(rc, dims, plans, layers, ckpt, act_bytes)
+
+    @staticmethod
+    def _sharing(rc: RunConfig) -> float:
+        """How many ranks share one host's cores (CPU runs: torchrun gives each rank one
+        thread of its own, where the profile's ops had the whole host)."""
+        if rc.workload.hardware.device != "cpu":
+            return 1.0
+        return float(min(rc.parallel.world_size, rc.workload.hardware.devices_per_node))
+
+    @staticmethod
+    def _memory_units(rc: RunConfig, dims: ModelDims, plans: _Plans, layers: int, ckpt: int,
+                      act_bytes: int) -> np.ndarray:
+        """Memory features of every unit in the steps ``autotune measure`` would replay for
+        the peak (each rank's heaviest timed step), bytes by the analytic count."""
+        p = rc.parallel
+        tp = p.tp
+        q, kv, ffn = dims.q_width // tp, dims.kv_width // tp, dims.ffn // tp
+        per_token_layer = activation_bytes_per_token(dims.hidden, q, kv, ffn, act_bytes)
+        params = dims.total_params() // (tp * p.pp)
+        if p.zero_stage == 0:
+            state, gathered = params * 4 * 4, 0.0
+        else:
+            state = params * 4 * 4 / p.dp
+            gathered = params * 4 if p.zero_stage < 3 else params * 4 * 2 / max(layers, 1)
+        out = []
+        for r in range(len(plans.steps[0])):
+            # the heaviest step of this rank, as the measurement picks it
+            s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
+            u = plans.units[s][r]
+            if not len(u):
+                continue
+            act_t, pairs, widest, prefix, logit_t = u.T
+            ones = np.ones(len(u))
+            out.append(np.column_stack([
+                state * ones, gathered * ones,
+                act_t * (layers - ckpt) * per_token_layer,
+                act_t * ckpt * dims.hidden * act_bytes,
+                widest * per_token_layer * (1.0 if ckpt else 0.0),
+                pairs * (dims.heads // tp) * (layers - ckpt + (1 if ckpt else 0)) * act_bytes,
+                prefix * layers * 2 * kv * act_bytes,
+                logit_t * dims.vocab * 4 * 2,
+            ]))
+        return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
+
+    # ---- predictions --------------------------------------------------------------------
+    def predict_many(self, rcs: list[RunConfig]) -> pd.DataFrame:
+        """One row per config: step_time_s, tokens_per_s, peak_mem_bytes, composed_step_s,
+        the breakdown (one column per part, seconds) and the residual's features."""
+        rcs = list(rcs)
+        if not rcs:
+            return pd.DataFrame()
+        comp, units = self.compose(rcs)
+        comp["step_time_s"] = self.models.residual.predict(comp)
+        comp["residual_s"] = comp["step_time_s"] - comp["composed_step_s"]
+        comp["tokens_per_s"] = comp["tokens_per_step"] / comp["step_time_s"]
+        mem = self.models.memory
+        w = np.array([mem.coef[f] for f in MEMORY_FEATURES])
+        comp["peak_mem_bytes"] = [float((u @ w).max()) + mem.overhead_bytes for u in units]
+        return comp
+
+    def predict(self, rc: RunConfig) -> StepPrediction:
+        row = self.predict_many([rc]).iloc[0]
+        m = self.models
+        breakdown = dict(row["breakdown"]) | {"residual": float(row["residual_s"])}
+        sources = m.sources() | {f"comm_{k}": v for k, v in row["sources"].items()}
+        return StepPrediction(float(row["step_time_s"]), float(row["tokens_per_s"]),
+                              float(row["peak_mem_bytes"]), breakdown, m.calibration, sources,
+                              m.residual.n_measurements, m.memory.n_measurements)
+
+
+def complete_ceilings(ceilings: Ceilings, device: str,
+                      dtypes: tuple[str, ...] = ("fp32", "bf16")) -> Ceilings:
+    """``ceilings`` with every dtype the search may pick: a profile covers the dtypes of its
+    space, so the others come from this machine's measured (cached) matmul ceiling."""
+    missing = [d for d in dtypes if d not in ceilings.flops_per_s]
+    if not missing:
+        return ceilings
+    from profilers.ceilings import matmul_ceiling
+
+    rates = dict(ceilings.flops_per_s) | {d: matmul_ceiling(d, device).flops_per_s for d in missing}
+    return Ceilings(rates, ceilings.bytes_per_s,
+                    f"{ceilings.source}; {', '.join(missing)} matmul ceiling measured apart")
+
+
+def prior_models(device: str = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16")) -> StepModels:
+    """The analytic prior alone, on this machine's measured ceilings (cached by the
+    profilers), for planning before any profile exists."""
+    from autotune import __version__
+    from profilers.ceilings import copy_bandwidth, matmul_ceiling
+    from profilers.fingerprint import current_fingerprint
+
+    ceil = Ceilings({d: matmul_ceiling(d, device).flops_per_s for d in dtypes},
+                    copy_bandwidth(device).bytes_per_s, source="measured ceilings, prior only")
+    return StepModels(current_fingerprint(device, __version__).key(), device, ceil)
+
+
+def default_models(folder: str | Path | None, device: str = "cpu") -> StepModels:
+    """Fitted models from ``folder`` (checked against this machine), or the prior alone
+    when no folder is given."""
+    if folder is None:
+        return prior_models(device)
+    from autotune import __version__
+    from profilers.fingerprint import current_fingerprint
+
+    return StepModels.load(Path(folder), current_fingerprint(device, __version__).key())

@@ -1,0 +1,186 @@
+"""The step model: composition against hand counts, the memory model against a known truth,
+communication terms, the models folder's round trip and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from autotune.config import RunConfig
+from autotune.predict import StepPredictor
+from cost_models.bundle import StepModels
+from cost_models.family import ModelMismatch
+from cost_models.features import Ceilings
+from cost_models.step import (
+    MEMORY_FEATURES,
+    STEP_TERMS,
+    MemoryModel,
+    ResidualModel,
+    alpha_beta,
+)
+
+DIMS = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": 96}
+DATA = {"preset": "longsft", "num_sequences": 64, "max_len": 256, "seed": 0}
+CEIL = Ceilings({"fp32": 1e10, "bf16": 2e10}, 1e10)
+
+
+class _Const:
+    """A family model that says every op takes ``seconds``: composition becomes counting."""
+
+    kind, n_train = "const", 0
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def predict(self, rows: pd.DataFrame, ceilings: Ceilings) -> np.ndarray:
+        return np.full(len(rows), self.seconds)
+
+
+def _rc(**over) -> RunConfig:
+    base = {"workload": {"model": DIMS, "data": DATA, "budget": {"global_batch_tokens": 1024}}}
+    return RunConfig.model_validate(base | over)
+
+
+def _models(families: dict | None = None) -> StepModels:
+    return StepModels("fp", "cpu", CEIL, families or {})
+
+
+def test_composition_counts_every_op_of_the_step() -> None:
+    """With every op at 1 ms, the compute is 1 ms times the number of op runs, counted here
+    from the plan by hand: per micro-batch and layer 7 matmuls, 1 attention (2 where a
+    ChunkFlow chunk continues a sequence and packs others), 7 elementwise ops, each forward
+    and backward, plus the loss forward and backward."""
+    from autotune.data import global_batches, load_dataset, make_policy
+
+    rc = _rc(schedule={"policy": "pack", "micro_batch_tokens": 256})
+    dims = rc.workload.model.resolve()
+    data = load_dataset(rc.workload.data, dims)
+    stream = global_batches(data.lengths, global_batch_tokens=1024, seed=0)
+    next(stream)
+    plans = [make_policy(rc, dims, data_max_len=data.max_len).plan(data.lengths[next(stream)])
+             for _ in range(3)]
+    fams = {f: _Const(1e-3) for f in ("gemm", "attention", "norm", "loss", "optimizer")}
+    out = StepPredictor(_models(fams), warmup=1, steps=3).predict_many([rc]).iloc[0]
+    for fam, per_layer in (("gemm", 7), ("attention", 1), ("norm", 7)):
+        runs = np.mean([2 * per_layer * dims.layers * sum(1 for _ in p.micro_batches())
+                        for p in plans])
+        assert out.breakdown[fam] == pytest.approx(runs * 1e-3)
+    mbs = np.mean([sum(1 for _ in p.micro_batches()) for p in plans])
+    assert out.breakdown["loss"] == pytest.approx(2 * mbs * 1e-3)
+    assert out.breakdown["optimizer"] == pytest.approx(1e-3)
+    assert out.composed_step_s == pytest.approx(sum(out.breakdown.values()))
+
+    # full checkpointing runs every forward twice: +1 ms per forward op run
+    ckpt = StepPredictor(_models(fams)).predict_many(
+        [_rc(schedule={"policy": "pack", "micro_batch_tokens": 256},
+             checkpointing={"policy": "full"})]).iloc[0]
+    assert ckpt.breakdown["gemm"] == pytest.approx(1.5 * out.breakdown["gemm"])
+
+
+def test_many_configs_in_one_call_match_one_at_a_time() -> None:
+    rcs = [_rc(schedule={"policy": p, "micro_batch_tokens": 256, "chunk_size": 128},
+               checkpointing={"policy": c},
+               precision={"dtype": d})
+           for p in ("pack", "sorted", "chunkflow") for c in ("none", "full") for d in ("fp32", "bf16")]
+    many = StepPredictor(_models()).predict_many(rcs)
+    one = pd.concat([StepPredictor(_models()).predict_many([rc]) for rc in rcs], ignore_index=True)
+    np.testing.assert_allclose(many.step_time_s, one.step_time_s, rtol=1e-12)
+    np.testing.assert_allclose(many.peak_mem_bytes, one.peak_mem_bytes, rtol=1e-12)
+    assert (many.tokens_per_s > 0).all()
+
+
+def test_data_parallel_and_tensor_parallel_add_their_collectives() -> None:
+    fits = pd.DataFrame([{"collective": c, "ranks": 2, "alpha_s": 1e-3, "beta_s_per_byte": 1e-9}
+                         for c in ("all_reduce", "all_gather", "reduce_scatter", "send_recv")])
+    models = StepModels("fp", "cpu", CEIL, {}, fits)
+    wl = {"model": DIMS, "data": DATA, "budget": {"global_batch_tokens": 1024},
+          "hardware": {"devices_per_node": 2}}
+    sched = {"policy": "pack", "micro_batch_tokens": 256}
+    dims = _rc().workload.model.resolve()
+    dp = StepPredictor(models).predict_many(
+        [_rc(workload=wl, schedule=sched, parallel={"dp": 2})]).iloc[0]
+    grad_bytes = dims.total_params() * 4
+    assert dp.breakdown["comm_dp"] == pytest.approx(1e-3 + 1e-9 * grad_bytes)  # one bucket
+    assert dp.breakdown["comm_tp"] == 0
+    tp = StepPredictor(models).predict_many(
+        [_rc(workload=wl, schedule=sched, parallel={"tp": 2})]).iloc[0]
+    assert tp.breakdown["comm_tp"] > 0 and tp.breakdown["comm_dp"] == 0
+
+
+def test_alpha_beta_falls_back_to_scaled_then_nominal_figures() -> None:
+    fits = pd.DataFrame([{"collective": "all_reduce", "ranks": 2, "alpha_s": 1e-4,
+                          "beta_s_per_byte": 1e-9}])
+    assert alpha_beta("all_reduce", 2, fits) == (1e-4, 1e-9, "profiled")
+    a, b, how = alpha_beta("all_reduce", 4, fits)
+    assert (a, how) == (1e-4, "profiled on 2 ranks, scaled") and b == pytest.approx(1.5e-9)
+    assert alpha_beta("all_gather", 2, fits)[2] == "nominal"
+    assert alpha_beta("all_reduce", 1, fits) == (0.0, 0.0, "none")
+
+
+def test_memory_model_recovers_known_coefficients() -> None:
+    """Peaks generated from known per-feature coefficients and overhead (with the argmax
+    unit depending on them) are recovered to 1%."""
+    rng = np.random.default_rng(0)
+    true = dict(zip(MEMORY_FEATURES, (1.0, 1.0, 1.6, 1.0, 0.7, 2.5, 1.2, 0.5)))
+    units = pd.DataFrame(rng.uniform(0, 1e8, (400, len(MEMORY_FEATURES))), columns=MEMORY_FEATURES)
+    units["config"] = np.repeat(np.arange(80), 5)
+    truth = MemoryModel("fp", true, 3e7).peak(units)
+    fitted = MemoryModel.fit(units, truth, "fp")
+    pred = fitted.peak(units)
+    assert np.max(np.abs(pred - truth) / truth) < 0.01
+    assert fitted.n_measurements == 80
+
+
+def _configs() -> list[RunConfig]:
+    return [_rc(schedule={"policy": p, "micro_batch_tokens": m, "chunk_size": 64},
+                checkpointing={"policy": c}, precision={"dtype": d})
+            for p in ("pack", "sorted", "chunkflow") for m in (128, 512)
+            for c in ("none", "full") for d in ("fp32", "bf16")]
+
+
+def test_calibration_recovers_the_terms_of_a_known_step() -> None:
+    """Steps generated as 1.7 x fp32 compute + 9 x bf16 compute + 50 us per op run + 20 ms
+    per step are recovered term by term; held-out configs are then predicted to 1%."""
+    comp, _ = StepPredictor(_models()).compose(_configs())
+    terms = ResidualModel.terms(comp)
+    true = np.array([1.7, 9.0, 5e-5, 0.0, 1.0, 0.02])
+    measured = terms @ true
+    train = np.arange(len(comp)) % 4 != 0
+    model = ResidualModel.fit(comp[train], measured[train], "fp", trees=False)
+    np.testing.assert_allclose([model.coef[t] for t in STEP_TERMS if t not in
+                                ("s_per_op_run_tp", "comm_s")],
+                               [1.7, 9.0, 5e-5, 0.02], rtol=1e-3)
+    pred = model.predict(comp[~train])
+    np.testing.assert_allclose(pred, measured[~train], rtol=0.01)
+    assert ResidualModel.fit(comp.head(3), measured[:3], "fp").coef is None  # too few: prior
+
+
+def test_models_round_trip_and_refuse_another_machine(tmp_path: Path) -> None:
+    comp, _ = StepPredictor(_models()).compose(_configs())
+    rng = np.random.default_rng(1)
+    measured = comp["composed_step_s"].to_numpy() * rng.uniform(1.2, 2.0, len(comp))
+    residual = ResidualModel.fit(pd.concat([comp] * 2), np.concatenate([measured] * 2), "fp")
+    assert residual.booster is not None  # enough rows for the tree layer
+    memory = MemoryModel("fp", dict.fromkeys(MEMORY_FEATURES, 1.3), 1e6, 12)
+    models = StepModels("fp", "cpu", CEIL, {}, None, residual, memory)
+    models.save(tmp_path)
+    again = StepModels.load(tmp_path, "fp")
+    rcs = [_rc(schedule={"policy": "pack", "micro_batch_tokens": 256}),
+           _rc(schedule={"policy": "chunkflow", "chunk_size": 64, "micro_batch_tokens": 128})]
+    a, b = StepPredictor(models).predict_many(rcs), StepPredictor(again).predict_many(rcs)
+    np.testing.assert_allclose(a.step_time_s, b.step_time_s, rtol=1e-6)
+    np.testing.assert_allclose(a.peak_mem_bytes, b.peak_mem_bytes, rtol=1e-12)
+    assert again.calibration == "measured" and again.residual.n_measurements == 2 * len(comp)
+
+    with pytest.raises(ModelMismatch, match="fingerprint fp, this machine is other"):
+        StepModels.load(tmp_path, "other")
+    manifest = json.loads((tmp_path / "models.json").read_text())
+    (tmp_path / "models.json").write_text(json.dumps(manifest | {"feature_version": 0}))
+    with pytest.raises(ModelMismatch, match="feature version 0"):
+        StepModels.load(tmp_path, "fp")
+    with pytest.raises(ModelMismatch, match="run `autotune fit"):
+        StepModels.load(tmp_path / "nothing", "fp")

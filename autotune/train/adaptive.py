@@ -64,11 +64,12 @@ class AdaptiveCheckpointing:
                 + ckpt * tokens * self.dims.hidden * self.act_bytes
                 + (layer if ckpt else 0.0) + tokens * self.dims.vocab * 4 * 2)
 
-    def layers_for(self, mb: MicroBatch) -> int:
-        """Checkpointed layers for this micro-batch."""
+    def layers_for(self, mb: MicroBatch, *, probe: bool = True) -> int:
+        """Checkpointed layers for this micro-batch; before the fit, every layer but the
+        last when it is a probe, every layer otherwise."""
         layers = self.dims.layers
         if self.coef is None:
-            ckpt = layers - 1  # probing: the last layer runs plain and is measured
+            ckpt = layers - 1 if probe else layers
         else:
             tokens, pairs = self._size(mb)
             key = (math.ceil(tokens / self.bucket), math.ceil(math.sqrt(pairs) / self.bucket))

@@ -120,6 +120,11 @@ class StepExecutor:
         keep their activations. Backward runs in descending chunk order (recomputing dropped
         chunks from the state), so when chunk i is reached every later chunk has already
         added its gradient w.r.t. i's keys and values."""
+        if self.adaptive is not None:
+            # one plan for the whole group, sized by its widest chunk (the probe hook does
+            # not follow chunks through the reversed backward, so groups are never probes)
+            widest = max(group.chunks, key=lambda c: c.tokens)
+            self.model.checkpoint_layers = self.adaptive.layers_for(widest, probe=False)
         n = len(group.chunks)
         first_kept = n - group.keep
         state = _ChunkState([c.segments[0].length for c in group.chunks])

@@ -64,3 +64,15 @@ def test_adaptive_trains_the_same_function() -> None:
 def test_adaptive_needs_a_budget() -> None:
     with pytest.raises(ValueError, match="memory_budget_gb"):
         RunConfig.model_validate(TINY | {"checkpointing": {"policy": "adaptive"}})
+
+
+def test_adaptive_under_chunkflow_trains_the_same_function() -> None:
+    """Chunk groups take one plan (by their widest chunk); gradients are unchanged."""
+    cf = {"policy": "chunkflow", "chunk_size": 64, "micro_batch_tokens": 128}
+
+    def losses(**ck) -> list[float]:
+        t = Trainer(RunConfig.model_validate(TINY | {"schedule": cf, "checkpointing": ck}))
+        return [t.step().loss for _ in range(3)]
+
+    np.testing.assert_allclose(losses(policy="adaptive", memory_budget_gb=0.05),
+                               losses(policy="none"), rtol=1e-5)

@@ -25,10 +25,15 @@ __all__ = ["compose_measured", "cross_validate", "fit_calibration", "load_measur
 
 def _record(config_json: str, m: dict, source: str) -> dict:
     steps = m.get("step_times_s") or []
-    tokens = (m.get("extra") or {}).get("tokens_per_step")
+    extra = m.get("extra") or {}
+    tokens = extra.get("tokens_per_step")
+    # at the machine's reference speed where the measurement timed the canary around it
+    drift = (extra["canary_s"] / extra["canary_ref_s"]
+             if extra.get("canary_s") and extra.get("canary_ref_s") else 1.0)
     return {"source": source, "config_json": config_json, "status": m.get("status"),
-            "tokens_per_s": m.get("tokens_per_s"), "peak_mem_bytes": m.get("peak_mem_bytes"),
-            "step_mean_s": float(np.mean(steps)) if steps else np.nan,
+            "tokens_per_s": m.get("tokens_per_s", np.nan) * drift if m.get("tokens_per_s") else np.nan,
+            "peak_mem_bytes": m.get("peak_mem_bytes"), "drift": drift,
+            "step_mean_s": float(np.mean(steps)) / drift if steps else np.nan,
             "tokens_per_step": tokens, "warmup": int(m.get("warmup_steps") or 0),
             "steps": int(m.get("timed_steps") or len(steps))}
 
@@ -68,7 +73,7 @@ def load_measurements(paths: Iterable[str | Path]) -> pd.DataFrame:
     group = table.groupby(["config_json", "warmup", "steps"], sort=False)
     out = group.agg(source=("source", "first"), status=("status", "first"),
                     step_mean_s=("step_mean_s", "mean"), peak_mem_bytes=("peak_mem_bytes", "max"),
-                    tokens_per_step=("tokens_per_step", "mean"),
+                    tokens_per_step=("tokens_per_step", "mean"), drift=("drift", "mean"),
                     measurements=("status", "size")).reset_index()
     out["tokens_per_s"] = out["tokens_per_step"] / out["step_mean_s"]
     missing = out["tokens_per_step"].isna()

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per trial")
     p.add_argument("--out", default="results/step_dataset")
     p.add_argument("--repeat", type=int, default=0, metavar="N",
                    help="instead: measure N of the stored single-rank fp32 configs again "
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [rc for rc in configs if _config_key(rc) not in done]
     rows = table.to_dict("records") if len(table) else []
     for rc in tqdm(todo, desc="measuring", unit="config", file=sys.stderr):
-        rows.append(_row(rc, measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=900)))
+        rows.append(_row(rc, measure(rc, steps=args.steps, warmup=args.warmup,
+                                     timeout_s=args.timeout)))
         _write(out, rows)
     frame = pd.DataFrame(rows)
     ok = frame[frame.status == "COMPLETE"]

@@ -26,6 +26,7 @@ from autotune.train.trainer import StepResult, Trainer
 from profilers.ceilings import Ceiling, datasheet_peak, matmul_ceiling
 from profilers.fingerprint import current_fingerprint
 from profilers.memory import TensorMemoryTracker
+from profilers.ops import canary_reference, canary_time
 from profilers.records import Measurement, Status
 from profilers.store import atomic_write_bytes, atomic_write_text
 from profilers.telemetry import Telemetry, energy_per_token
@@ -57,6 +58,15 @@ def _peak_tensor_memory(trainer: Trainer, batch_ids: np.ndarray) -> tuple[int, d
         trainer.step(batch_ids)
     return tracker.peak_bytes, {"mem_state_bytes": tracker.baseline_bytes,
                                 "mem_step_peak_bytes": tracker.peak_bytes - tracker.baseline_bytes}
+
+
+def _canary(ctx: ParallelContext, kind: str) -> float:
+    """The profiler's canary matmul on rank 0 while the others wait: the same yardstick the
+    op profiles are scaled by."""
+    t = canary_time(kind) if ctx.rank == 0 else 0.0
+    if ctx.world > 1:
+        torch.distributed.barrier()
+    return t
 
 
 def _mfu(flops_per_s: float, ceiling: Ceiling, rc: RunConfig, world: int
@@ -112,6 +122,7 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         if fault:
             fault.maybe_fire(rank=ctx.rank, step=i + 1)
         trainer.step()
+    canary = [_canary(ctx, kind)]
     if kind == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -127,6 +138,7 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
                 results.append(trainer.step())
         samples = timer.samples  # on CUDA this synchronizes, so the window holds all the work
     tele = telemetry.summary()
+    canary.append(_canary(ctx, kind))
     extra: dict = {}
     if kind == "cuda":
         peak_mem = int(torch.cuda.max_memory_allocated())
@@ -148,6 +160,10 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
     sched = [r.schedule_s for r in results]
     est = np.array([r.rank_flops for r in results])  # steps x dp ranks
     extra |= mfu_extra | {
+        # the machine's speed around the timed steps against its reference speed: what
+        # scales a step to the reference speed when steps measured at different times meet
+        "canary_s": float(np.mean(canary)),
+        "canary_ref_s": canary_reference(kind, current_fingerprint(kind, __version__).key()),
         "tokens_per_step": tokens / steps,
         "padded_tokens_per_step": sum(r.padded_tokens for r in results) / steps,
         "padding_fraction": 1 - tokens / sum(r.padded_tokens for r in results),

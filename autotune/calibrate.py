@@ -23,13 +23,13 @@ __all__ = ["compose_measured", "cross_validate", "fit_calibration", "load_measur
            "score"]
 
 
-def _record(config_json: str, m: dict, source: str) -> dict:
+def _record(config_json: str, m: dict, source: str, scale_drift: bool = True) -> dict:
     steps = m.get("step_times_s") or []
     extra = m.get("extra") or {}
     tokens = extra.get("tokens_per_step")
     # at the machine's reference speed where the measurement timed the canary around it
     drift = (extra["canary_s"] / extra["canary_ref_s"]
-             if extra.get("canary_s") and extra.get("canary_ref_s") else 1.0)
+             if scale_drift and extra.get("canary_s") and extra.get("canary_ref_s") else 1.0)
     return {"source": source, "config_json": config_json, "status": m.get("status"),
             "tokens_per_s": m.get("tokens_per_s", np.nan) * drift if m.get("tokens_per_s") else np.nan,
             "peak_mem_bytes": m.get("peak_mem_bytes"), "drift": drift,
@@ -38,7 +38,7 @@ def _record(config_json: str, m: dict, source: str) -> dict:
             "steps": int(m.get("timed_steps") or len(steps))}
 
 
-def load_measurements(paths: Iterable[str | Path]) -> pd.DataFrame:
+def load_measurements(paths: Iterable[str | Path], scale_drift: bool = True) -> pd.DataFrame:
     """COMPLETE measurements from measurement tables (``suites.step_dataset``'s parquet)
     and from ``autotune measure --out`` folders (``config.yaml`` + ``metrics.json``, searched
     recursively). One row per measurement."""
@@ -49,7 +49,8 @@ def load_measurements(paths: Iterable[str | Path]) -> pd.DataFrame:
         if path.is_file() and path.suffix == ".parquet":
             table = pd.read_parquet(path)
             for rec in table.itertuples():
-                rows.append(_record(rec.config_json, json.loads(rec.measurement_json), str(path)))
+                rows.append(_record(rec.config_json, json.loads(rec.measurement_json), str(path),
+                                    scale_drift))
         elif path.is_dir():
             for metrics in sorted(path.rglob("metrics.json")):
                 config = metrics.with_name("config.yaml")
@@ -57,7 +58,7 @@ def load_measurements(paths: Iterable[str | Path]) -> pd.DataFrame:
                     continue
                 rc = load_yaml(RunConfig, config)
                 rows.append(_record(rc.model_dump_json(), json.loads(metrics.read_text()),
-                                    str(metrics.parent)))
+                                    str(metrics.parent), scale_drift))
         else:
             raise UserError(f"{path}: not a measurements .parquet file or a folder of "
                             f"`autotune measure --out` records")

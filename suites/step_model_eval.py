@@ -15,9 +15,11 @@ residual; and the per-family / global / prior ablation on held-out profile cases
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from autotune.calibrate import load_measurements, score, step_accuracy
@@ -35,16 +37,24 @@ def _noise(paths: list[str]) -> str:
     raw = pd.concat(frames, ignore_index=True)
     raw = raw[raw.status == "COMPLETE"]
     raw["key"] = [RunConfig.model_validate_json(j).model_dump_json() for j in raw.config_json]
-    pairs = raw.groupby("key").tokens_per_s.agg(["first", "last", "size"])
-    pairs = pairs[pairs["size"] > 1]
-    if pairs.empty:
+    extra = [json.loads(j).get("extra") or {} for j in raw.measurement_json]
+    raw["drift"] = [e["canary_s"] / e["canary_ref_s"] if e.get("canary_s") else np.nan
+                    for e in extra]
+    raw["scaled"] = raw.tokens_per_s * raw.drift
+    lines = []
+    for col, what in (("tokens_per_s", "as measured"), ("scaled", "at reference speed (canary)")):
+        pairs = raw.dropna(subset=[col]).groupby("key")[col].agg(["first", "last", "size"])
+        pairs = pairs[pairs["size"] > 1]
+        if pairs.empty:
+            continue
+        dev = (pairs["last"] / pairs["first"] - 1).abs()
+        lines.append(f"- {what}: {len(pairs)} configs measured twice differ by "
+                     f"{dev.median():.1%} median, {dev.mean():.1%} mean, {dev.max():.1%} at most")
+    if not lines:
         return "No config was measured twice: run `python -m suites.step_dataset --repeat 10`."
-    dev = (pairs["last"] / pairs["first"] - 1).abs()
-    return (f"{len(pairs)} configs measured twice, minutes apart (`python -m suites.step_dataset "
-            f"--repeat {len(pairs)}`): their tokens/s differ by {dev.median():.1%} median, "
-            f"{dev.mean():.1%} mean, {dev.max():.1%} at most. A single 3-step measurement on "
-            f"this shared host is that uncertain; a predictor's MAPE against such measurements "
-            f"cannot fall far below it. Configs measured twice are averaged below.")
+    return ("Configs measured twice, minutes apart (`python -m suites.step_dataset --repeat 10`), "
+            "tokens/s:\n\n" + "\n".join(lines) + "\n\nA predictor's MAPE against single "
+            "measurements cannot fall far below this; configs measured twice are averaged below.")
 
 
 def _ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
@@ -60,15 +70,18 @@ def _ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m suites.step_model_eval", description=__doc__)
     p.add_argument("--profiles", required=True, help="a profile store of this machine")
-    p.add_argument("--dataset", nargs="+", default=["results/step_dataset/measurements.parquet",
-                                                    "results/step_dataset/repeat.parquet"],
+    p.add_argument("--dataset", nargs="+", default=["results/step_dataset_canary/measurements.parquet",
+                                                    "results/step_dataset_canary/repeat.parquet"],
                    help="measurement tables; a config measured twice counts once, averaged")
     p.add_argument("--collectives", default="results/collectives")
+    p.add_argument("--no-drift-scaling", action="store_true",
+                   help="judge against steps as measured, not scaled by the canary")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", default="results/step_model")
     args = p.parse_args(argv)
     store = ProfileStore.existing(args.profiles)
-    table = load_measurements([d for d in args.dataset if Path(d).exists()])
+    table = load_measurements([d for d in args.dataset if Path(d).exists()],
+                              scale_drift=not args.no_drift_scaling)
     families, ceilings = fit_all(store)
     device = store.fingerprint.get("device_kind", "cpu")
     ceilings = complete_ceilings(ceilings, device)

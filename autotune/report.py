@@ -26,6 +26,11 @@ def md_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v: float | None, spec: str) -> str:
+    """A figure a recorded measurement may lack (replayed tables keep what they kept)."""
+    return "-" if v is None else format(v, spec)
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
@@ -41,8 +46,8 @@ def trial_table(trials: list[tuple[int, RunConfig, Measurement]],
             ratio = f"{m.tokens_per_s / baseline:.2f}x" if baseline else "-"
             rows.append(
                 f"| {n} | `{rc.label()}` | {m.status.value} | {m.tokens_per_s:,.0f} | {ratio} | "
-                f"{m.step_time_s:.3f} ({m.step_time_iqr_s:.3f}) | {_mib(m.peak_mem_bytes)} | "
-                f"{_mib(m.peak_rss_bytes)} | {m.mfu:.1%} | "
+                f"{_fmt(m.step_time_s, '.3f')} ({_fmt(m.step_time_iqr_s, '.3f')}) | "
+                f"{_mib(m.peak_mem_bytes)} | {_mib(m.peak_rss_bytes)} | {_fmt(m.mfu, '.1%')} | "
                 f"{m.extra.get('padding_fraction', 0):.0%} |")
         else:
             rows.append(f"| {n} | `{rc.label()}` | {m.status.value}: {m.reason[:80]} | - | - | "
@@ -100,8 +105,9 @@ def render_report(*, workload_rc: RunConfig, dataset: Dataset,
         n, rc, m = best
         out += ["## Tuned config", "",
                 f"Trial {n}, `{rc.label()}`: **{m.tokens_per_s:,.0f} tokens/s** (effective, "
-                f"padding excluded), median step {m.step_time_s:.3f} s over {m.timed_steps} "
-                f"timed steps, MFU {m.mfu:.1%} of the measured matmul ceiling.", "",
+                f"padding excluded), median step {_fmt(m.step_time_s, '.3f')} s over "
+                f"{m.timed_steps} timed steps, MFU {_fmt(m.mfu, '.1%')} of the measured matmul "
+                f"ceiling.", "",
                 "```yaml", dump_yaml(rc).rstrip(), "```", "",
                 "## Why this config", "", *_why(best, base), ""]
     out += ["## Measured candidates", "", *trial_table(trials, base_tps), ""]

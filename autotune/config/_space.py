@@ -90,6 +90,13 @@ class SearchSpace(BaseModel):
                         except ValueError:
                             continue
 
+    def canonical(self, rc: RunConfig) -> RunConfig:
+        """``rc`` spelled as ``grid`` spells it: the schedule knobs its policy ignores held
+        at their first choice, so an equivalent config compares equal."""
+        keep = self._policy_knobs(rc.schedule.policy)
+        ignored = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS if k not in keep}
+        return rc.model_copy(update={"schedule": rc.schedule.model_copy(update=ignored)})
+
     @staticmethod
     def _policy_knobs(policy: str) -> tuple[str, ...]:
         """The schedule knobs that ``policy`` reads."""

@@ -19,17 +19,25 @@ from autotune.predict import StepPredictor
 from cost_models.bundle import StepModels
 from cost_models.step import MemoryModel, ResidualModel
 
-__all__ = ["compose_measured", "cross_validate", "fit_calibration", "load_measurements",
+__all__ = ["canary_drift", "compose_measured", "cross_validate", "fit_calibration", "load_measurements",
            "score"]
+
+
+def canary_drift(extra: dict | None) -> float:
+    """How much slower the machine ran than its reference speed while a measurement was
+    taken (the canary matmul timed around it); 1.0 where the record has no canary. A step
+    divided by it, or a throughput multiplied, is at the reference speed."""
+    extra = extra or {}
+    if extra.get("canary_s") and extra.get("canary_ref_s"):
+        return float(extra["canary_s"]) / float(extra["canary_ref_s"])
+    return 1.0
 
 
 def _record(config_json: str, m: dict, source: str, scale_drift: bool = True) -> dict:
     steps = m.get("step_times_s") or []
     extra = m.get("extra") or {}
     tokens = extra.get("tokens_per_step")
-    # at the machine's reference speed where the measurement timed the canary around it
-    drift = (extra["canary_s"] / extra["canary_ref_s"]
-             if scale_drift and extra.get("canary_s") and extra.get("canary_ref_s") else 1.0)
+    drift = canary_drift(extra) if scale_drift else 1.0
     return {"source": source, "config_json": config_json, "status": m.get("status"),
             "tokens_per_s": m.get("tokens_per_s", np.nan) * drift if m.get("tokens_per_s") else np.nan,
             "peak_mem_bytes": m.get("peak_mem_bytes"), "drift": drift,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from autotune.calibrate import canary_drift
 from autotune.config import RunConfig
 from autotune.errors import UserError
 from autotune.predict import StepPredictor
@@ -129,9 +130,7 @@ def _measured_table(trials: Sequence[Trial], index: dict[str, int]) -> pd.DataFr
     for t in trials:
         if not t.ok or config_key(t.rc) not in index or not t.measurement.step_times_s:
             continue
-        extra = t.measurement.extra or {}
-        drift = (extra["canary_s"] / extra["canary_ref_s"]
-                 if extra.get("canary_s") and extra.get("canary_ref_s") else 1.0)
+        drift = canary_drift(t.measurement.extra)
         rows[index[config_key(t.rc)]] = {
             "step_mean_s": float(np.mean(t.measurement.step_times_s)) / drift,
             "peak_mem_bytes": float(t.measurement.peak_mem_bytes or np.nan)}

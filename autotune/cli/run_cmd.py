@@ -215,13 +215,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predicted_vs_measured(trials: list, calibration: str) -> str:
+    from autotune.calibrate import canary_drift
+
     lines = ["## Predicted against measured", "",
              f"Predictions made before each candidate was measured ({calibration} models, "
-             f"recalibrated on the measurements of earlier rounds).", "",
+             f"recalibrated on the measurements of earlier rounds). Both at the machine's "
+             f"reference speed: a measurement is scaled by the canary matmul timed around it, "
+             f"as the models were fitted.", "",
              "| # | config | predicted tokens/s | measured tokens/s | measured / predicted |",
              "|---|---|---:|---:|---:|"]
     for t in trials:
-        pred, meas = t.predicted_tokens_per_s, t.measurement.tokens_per_s
+        drift = canary_drift(t.measurement.extra)
+        pred = t.predicted_tokens_per_s
+        meas = t.measurement.tokens_per_s * drift if t.measurement.tokens_per_s else None
         ratio = f"{meas / pred:.2f}" if pred and meas else "-"
         lines.append(f"| {t.n} | `{t.rc.label()}` | {pred:,.0f} | " if pred else
                      f"| {t.n} | `{t.rc.label()}` | - | ")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from autotune.config import ModelDims, RunConfig
 from autotune.data import global_batches, load_dataset, make_policy
-from autotune.data.plan import ChunkGroup, MicroBatch, StepPlan
+from autotune.data.plan import ChunkGroup, StepPlan
 from autotune.step_ops import (
     layer_ops,
     loss_op,
@@ -69,17 +69,12 @@ def _unit_rows(plan: StepPlan) -> np.ndarray:
             kept = unit.chunks[len(unit.chunks) - unit.keep:]
             widest = max(c.tokens for c in unit.chunks)
             kept_tokens = sum(c.tokens for c in kept)
-            pairs = sum(_pairs(c) for c in kept)
+            pairs = sum(c.attention_pairs for c in kept)
             prefix = sum(c.segments[0].length for c in unit.chunks[:-1])
             out.append((max(kept_tokens, widest), pairs, widest, prefix, widest))
         else:
-            out.append((unit.tokens, _pairs(unit), unit.tokens, 0, unit.tokens))
+            out.append((unit.tokens, unit.attention_pairs, unit.tokens, 0, unit.tokens))
     return np.array(out, dtype=float).reshape(-1, 5)
-
-
-def _pairs(mb: MicroBatch) -> float:
-    """Score-matrix entries: each segment attends over its prefix and itself."""
-    return float(sum(s.padded * (s.padded + s.start) for s in mb.segments))
 
 
 class StepPredictor:
@@ -396,9 +391,7 @@ class StepPredictor:
         comp["step_time_s"] = self.models.residual.predict(comp)
         comp["residual_s"] = comp["step_time_s"] - comp["composed_step_s"]
         comp["tokens_per_s"] = comp["tokens_per_step"] / comp["step_time_s"]
-        mem = self.models.memory
-        w = np.array([mem.coef[f] for f in MEMORY_FEATURES])
-        comp["peak_mem_bytes"] = [float((u @ w).max()) + mem.overhead_bytes for u in units]
+        comp["peak_mem_bytes"] = [float(self.models.memory.unit_bytes(u).max()) for u in units]
         return comp
 
     def predict(self, rc: RunConfig) -> StepPrediction:

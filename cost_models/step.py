@@ -258,9 +258,12 @@ class MemoryModel:
     overhead_bytes: float = 0.0
     n_measurements: int = 0
 
-    def unit_bytes(self, units: pd.DataFrame) -> np.ndarray:
+    def unit_bytes(self, units: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Predicted bytes per unit: a frame with the ``MEMORY_FEATURES`` columns, or an
+        array of them in that order."""
         w = np.array([self.coef[f] for f in MEMORY_FEATURES])
-        return units[list(MEMORY_FEATURES)].to_numpy(float) @ w + self.overhead_bytes
+        x = units[list(MEMORY_FEATURES)].to_numpy(float) if isinstance(units, pd.DataFrame) else units
+        return x @ w + self.overhead_bytes
 
     def peak(self, units: pd.DataFrame, group: str = "config") -> pd.Series:
         """Largest predicted unit per ``group`` value."""

@@ -41,6 +41,12 @@ class MicroBatch:
         return sum(s.length for s in self.segments)
 
     @property
+    def attention_pairs(self) -> int:
+        """Score-matrix entries of causal attention: each segment's queries against its
+        prefix and itself (what score-sized buffers grow with)."""
+        return sum(s.padded * (s.padded + s.start) for s in self.segments)
+
+    @property
     def continues(self) -> bool:
         """Whether the first segment continues its sequence from an earlier chunk."""
         return self.segments[0].start > 0

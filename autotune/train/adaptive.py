@@ -50,8 +50,7 @@ class AdaptiveCheckpointing:
 
     @staticmethod
     def _size(mb: MicroBatch) -> tuple[float, float]:
-        pairs = sum(s.padded * (s.padded + s.start) for s in mb.segments)
-        return float(mb.tokens), float(pairs)
+        return float(mb.tokens), float(mb.attention_pairs)
 
     def layer_bytes(self, tokens: float, pairs: float) -> float:
         a, b = self.coef or (0.0, 0.0)

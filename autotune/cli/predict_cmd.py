@@ -27,9 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_models(folder: str | None, device: str):  # noqa: ANN201
-    """Fitted models (refused, one line, when they belong to another machine), or the prior."""
+    """Fitted models (refused, one line, when they belong to another machine), or the prior
+    (``prior``: the analytic prior even where fitted models exist)."""
     from autotune.predict import default_models
     from cost_models.family import ModelMismatch
+
+    if folder == "prior":
+        return default_models(None, device)
 
     if folder is None and (DEFAULT_MODELS / "models.json").exists():
         folder = str(DEFAULT_MODELS)

@@ -41,7 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=3,
                    help="candidates measured per round between recalibrations (default 3)")
     p.add_argument("--models", help="fitted models (default models/ when present, else the "
-                                    "analytic prior on this machine's measured ceilings)")
+                                    "analytic prior on this machine's measured ceilings; "
+                                    "'prior' for the prior even then)")
+    p.add_argument("--space", metavar="FILE",
+                   help="a SearchSpace YAML: the choices per knob (default the built-in space)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run, at the tuner's measurement budget: DeepSpeed-autotuner-style "
+                        "ZeRO x micro-batch search, Optuna TPE on measurements only, random "
+                        "search (configs one of them measured are not measured again)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the TPE and random baselines")
     p.add_argument("--steps", type=positive_int, default=3, help="timed steps per trial")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="warm-up steps per trial")
     p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per trial")
@@ -120,7 +129,7 @@ def _run_dir(args: argparse.Namespace, wl: Workload):  # noqa: ANN202
 
 def run(args: argparse.Namespace) -> int:
     from autotune.cli.predict_cmd import load_models
-    from autotune.config import SearchSpace, load_yaml
+    from autotune.config import dump_yaml, load_yaml
     from autotune.data import load_dataset
     from autotune.launch import Launch
     from autotune.measure import measure
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from autotune.predict import StepPredictor
     from autotune.report import render_report
     from autotune.rundir import validate_name
-    from autotune.search import ReplaySource, Trial, TrialLog, guided_search
+    from autotune.search import ReplaySource, Trial, TrialLog, config_key, guided_search
 
     wl, user_rc = _workload(args)
     if args.out:
@@ -140,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         wl = load_yaml(Workload, Path(args.resume) / "workload.yaml")
     dataset = load_dataset(wl.data, wl.model.resolve())
     models = load_models(args.models, wl.hardware.device)
-    candidates = list(SearchSpace().grid(wl))
+    space = _space(args)
+    candidates = list(space.grid(wl))
     if not candidates:
         raise UserError(f"no valid config of the search space fits {wl.world_size} device(s) "
                         f"of this workload")
@@ -159,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     log = log or TrialLog(storage)
     if not resumed:
         rundir.write_workload(wl)
+        rundir.write_text("space.yaml", dump_yaml(space))
         rundir.write_text("run.json", json.dumps({"storage": storage, "models": args.models,
                                                   "replay": args.replay}, indent=2) + "\n")
     done = log.trials()
@@ -166,12 +177,18 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + (args.budget_s or DEFAULT_BUDGET_S)
     bar = tqdm(total=budget, initial=len(done), unit="trial", desc="measuring", disable=None)
 
-    def measure_one(rc: RunConfig, n: int):  # noqa: ANN202
+    # Configs a baseline measured before a kill are not measured again by the tuner.
+    base_log = TrialLog(storage, study_name="baselines") if args.baselines else None
+    base_done = {config_key(t.rc): t for t in base_log.trials()} if base_log else {}
+
+    def measure_one(rc: RunConfig, n: int, workdir: Path | None = None):  # noqa: ANN202
         bar.set_postfix_str(rc.label())
+        if config_key(rc) in base_done:
+            return base_done[config_key(rc)].measurement
         if source is not None:
             return source(rc, n)
         return measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
-                       workdir=rundir.trial_dir(n))
+                       workdir=workdir or rundir.trial_dir(n))
 
     def record(trial: Trial) -> None:
         log.add(trial)  # committed before the next trial starts: a kill loses nothing done
@@ -180,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The baseline users run without tuning (their own config when they gave one) is
     # always measured, first, so the report can say what tuning bought.
-    baseline = SearchSpace().canonical(user_rc or baseline_configs(wl)[0])
+    baseline = space.canonical(user_rc or baseline_configs(wl)[0])
     if not any(t.rc.model_dump_json() == baseline.model_dump_json() for t in done):
         trial = Trial(len(done), baseline, measure_one(baseline, len(done)))
         record(trial)
@@ -191,17 +208,27 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     ok = [t for t in trials if t.ok]
     best = max(ok, key=lambda t: t.measurement.tokens_per_s) if ok else None
+    compared = {}
+    if base_log is not None:
+        compared = _run_baselines(args, candidates, baseline, trials, base_log, base_done,
+                                  measure_one, rundir)
     if best is not None:
         rundir.write_tuned(best.rc)
     tuples = [(t.n, t.rc, t.measurement) for t in trials]
     report = render_report(workload_rc=baseline, dataset=dataset, trials=tuples,
                            best=(best.n, best.rc, best.measurement) if best else None)
+    if best is not None:
+        report += "\n" + _cost_breakdown(models, args, best, trials[0])
+    if compared:
+        report += "\n" + _baselines_section(best, trials, compared)
     report += "\n" + _predicted_vs_measured(trials, models.calibration)
     rundir.write_text("report.md", report)
     summary = {"run_dir": str(rundir.path), "tuned": str(rundir.path / "tuned.yaml") if best else None,
                "config": best.rc.label() if best else None,
                "tokens_per_s": best.measurement.tokens_per_s if best else None,
-               "measured_trials": len(trials), "candidates": len(candidates)}
+               "measured_trials": len(trials), "candidates": len(candidates),
+               **({"baselines": {name: _best_of(ts) for name, ts in compared.items()}}
+                  if compared else {})}
     rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -212,6 +239,103 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no candidate completed; see {rundir.path / 'report.md'}", file=sys.stderr)
     return 0 if best is not None else 1
+
+
+def _space(args: argparse.Namespace):  # noqa: ANN202
+    """The user's SearchSpace, the resumed run's, or the built-in one."""
+    from autotune.config import SearchSpace, load_yaml
+
+    if args.space:
+        return load_yaml(SearchSpace, args.space)
+    if args.resume and (Path(args.resume) / "space.yaml").is_file():
+        return load_yaml(SearchSpace, Path(args.resume) / "space.yaml")
+    if args.out and (Path(args.out) / "space.yaml").is_file():
+        return load_yaml(SearchSpace, Path(args.out) / "space.yaml")
+    return SearchSpace()
+
+
+def _run_baselines(args, candidates, user, trials, log, done, measure_one, rundir):  # noqa: ANN001, ANN202
+    """Each baseline at the tuner's measurement budget, sharing every measurement taken."""
+    from autotune.baselines import BASELINES, Measurer, run_baseline
+    from autotune.search import config_key
+
+    cache = {config_key(t.rc): t for t in trials} | done
+    first_n = max([t.n for t in cache.values()], default=-1) + 1
+    bar = tqdm(total=len(BASELINES) * len(trials), unit="trial", desc="baselines", disable=None)
+
+    def fresh(rc: RunConfig, _n: int):  # noqa: ANN202
+        n = first_n + len(log.trials())
+        return measure_one(rc, n, rundir.path / "trials" / f"b{n:03d}")
+
+    def record(trial) -> None:  # noqa: ANN001
+        trial.n = first_n + len(log.trials())
+        log.add(trial)
+        rundir.write_trial(trial.n, trial.rc, trial.measurement)
+
+    out = {}
+    for name in BASELINES:
+        m = Measurer(fresh, budget=len(trials), cache=cache, on_new=record)
+        out[name] = run_baseline(name, candidates, m, user=user, seed=args.seed)
+        bar.update(len(trials))
+    bar.close()
+    return out
+
+
+def _best_of(trials: list) -> dict:
+    ok = [t for t in trials if t.ok and t.measurement.tokens_per_s]
+    best = max(ok, key=lambda t: t.measurement.tokens_per_s) if ok else None
+    return {"measurements": len(trials), "config": best.rc.label() if best else None,
+            "tokens_per_s": best.measurement.tokens_per_s if best else None}
+
+
+def _baselines_section(best, trials: list, compared: dict) -> str:  # noqa: ANN001
+    from autotune.baselines import BASELINES
+
+    tuned = best.measurement.tokens_per_s if best else None
+    lines = ["## Against the baselines, at the same measurement budget", "",
+             f"Each strategy could measure {len(trials)} configs (the tuner's own count, its "
+             f"pad-batch baseline included); a config one strategy measured was not measured "
+             f"again for another. Measured tokens/s as measured.", "",
+             "| strategy | measured | best config | best tokens/s | tuned / strategy |",
+             "|---|---:|---|---:|---:|",
+             f"| **autotune** (cost-model guided) | {len(trials)} | "
+             f"`{best.rc.label() if best else '-'}` | {tuned or 0:,.0f} | 1.00 |"]
+    first = trials[0]
+    if first.ok:
+        lines.append(f"| pad-batch default (data parallel) | 1 | `{first.rc.label()}` | "
+                     f"{first.measurement.tokens_per_s:,.0f} | "
+                     f"{tuned / first.measurement.tokens_per_s:.2f}x |")
+    for name, ts in compared.items():
+        b = _best_of(ts)
+        ratio = f"{tuned / b['tokens_per_s']:.2f}x" if tuned and b["tokens_per_s"] else "-"
+        lines.append(f"| {name}: {BASELINES[name]} | {b['measurements']} | "
+                     f"`{b['config'] or '-'}` | {b['tokens_per_s'] or 0:,.0f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cost_breakdown(models, args, best, base) -> str:  # noqa: ANN001
+    """Where the winner's step time goes against the pad-batch baseline's, as the step model
+    prices them: the "why" in seconds."""
+    from autotune.predict import StepPredictor
+
+    predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
+    rows = [(best.rc, predictor.predict(best.rc))]
+    if base.rc.model_dump_json() != best.rc.model_dump_json():
+        rows.append((base.rc, predictor.predict(base.rc)))
+    parts = [k for k in rows[0][1].breakdown if any(abs(p.breakdown.get(k, 0)) > 1e-6 for _, p in rows)]
+    head = " | ".join(f"`{rc.label()}`" for rc, _ in rows)
+    lines = ["## Cost breakdown of the tuned config", "",
+             f"Seconds per optimizer step as the step model prices them ({models.calibration} "
+             f"models; predicted, not measured), beside the pad-batch baseline: the parts that "
+             f"shrink are why the tuned config wins.", "",
+             f"| part | {head} |", "|---|" + "---:|" * len(rows)]
+    for k in parts:
+        lines.append(f"| {k} | " + " | ".join(f"{p.breakdown.get(k, 0):.3f}" for _, p in rows) + " |")
+    lines.append("| **step (predicted)** | " + " | ".join(f"{p.step_time_s:.3f}" for _, p in rows) + " |")
+    lines.append("| step (measured) | " + " | ".join(
+        f"{t.measurement.step_time_s:.3f}" if t.ok and t.measurement.step_time_s else "-"
+        for t in ([best, base] if len(rows) == 2 else [best])) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _predicted_vs_measured(trials: list, calibration: str) -> str:

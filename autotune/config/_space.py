@@ -47,21 +47,32 @@ class SearchSpace(BaseModel):
     checkpointing: list[str] = Field(default_factory=lambda: ["none", "selective", "full"])
     attention: list[str] = Field(default_factory=lambda: ["sdpa"])
     dtype: list[str] = Field(default_factory=lambda: ["fp32"])
+    # Parallel degrees to try; None: every degree the device count and the model allow.
+    tp: list[PositiveInt] | None = None
+    pp: list[PositiveInt] | None = None
+    cp: list[PositiveInt] | None = None
 
     def parallel_layouts(self, workload: Workload) -> list[tuple[int, int, int, int]]:
         """(dp, tp, pp, cp) for the workload's devices, filtered by the shape rules."""
         dims = workload.model.resolve()
         return [(dp, tp, pp, cp) for dp, tp, pp, cp in _divisor_layouts(workload.world_size)
-                if dims.heads % tp == 0 and dims.kv_heads % tp == 0 and dims.layers % pp == 0]
+                if dims.heads % tp == 0 and dims.kv_heads % tp == 0 and dims.layers % pp == 0
+                and all(getattr(self, k) is None or v in getattr(self, k)
+                        for k, v in (("tp", tp), ("pp", pp), ("cp", cp)))]
 
     def violations(self, rc: RunConfig) -> list[str]:
         """Why ``rc`` is outside this space, or an empty list."""
         s = rc.schedule
         checks = {
             "policy": s.policy, **{k: getattr(s, k) for k in self._policy_knobs(s.policy)},
-            "zero_stage": rc.parallel.zero_stage, "checkpointing": rc.checkpointing.policy,
+            "checkpointing": rc.checkpointing.policy,
             "attention": rc.kernels.attention, "dtype": rc.precision.dtype,
         }
+        for k in ("tp", "pp", "cp"):
+            if getattr(self, k) is not None:
+                checks[k] = getattr(rc.parallel, k)
+        if rc.parallel.dp > 1:  # the stage shards over data-parallel ranks only
+            checks["zero_stage"] = rc.parallel.zero_stage
         out = [f"{k}={v!r} is not among the choices {getattr(self, k)}"
                for k, v in checks.items() if v not in getattr(self, k)]
         return out + rule_violations(rc)
@@ -76,8 +87,11 @@ class SearchSpace(BaseModel):
                 sched = {**ignored_default, **dict(zip(knobs, values, strict=True)),
                          "policy": policy}
                 for layout in self.parallel_layouts(workload):
+                    # Without data parallelism there is nothing to shard: every stage is
+                    # the same run, spelled once as stage 0.
+                    zeros = self.zero_stage if layout[0] > 1 else [0]
                     for zero, ckpt, attn, dtype in itertools.product(
-                            self.zero_stage, self.checkpointing, self.attention, self.dtype):
+                            zeros, self.checkpointing, self.attention, self.dtype):
                         data = {
                             "workload": workload, "schedule": sched,
                             "parallel": dict(zip(("dp", "tp", "pp", "cp"), layout, strict=True),
@@ -95,7 +109,10 @@ class SearchSpace(BaseModel):
         at their first choice, so an equivalent config compares equal."""
         keep = self._policy_knobs(rc.schedule.policy)
         ignored = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS if k not in keep}
-        return rc.model_copy(update={"schedule": rc.schedule.model_copy(update=ignored)})
+        update = {"schedule": rc.schedule.model_copy(update=ignored)}
+        if rc.parallel.dp == 1:
+            update["parallel"] = rc.parallel.model_copy(update={"zero_stage": 0})
+        return rc.model_copy(update=update)
 
     @staticmethod
     def _policy_knobs(policy: str) -> tuple[str, ...]:

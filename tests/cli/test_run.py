@@ -70,6 +70,35 @@ def test_run_on_replay_hands_back_the_best_measured(setup, capsys: pytest.Captur
     assert "Predicted against measured" in report and "Tuned config" in report
 
 
+def test_baselines_run_at_the_tuners_budget_and_resume_repeats_nothing(
+        setup, capsys: pytest.CaptureFixture) -> None:
+    wl, table, _ = setup
+    argv = ["run", "--workload", str(wl), "--replay", str(table), "--out", "run3",
+            "--budget-trials", "6", "--baselines", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    truth = {RunConfig.model_validate_json(r.config_json).label():
+             json.loads(r.measurement_json)["tokens_per_s"]
+             for r in pd.read_parquet(table).itertuples()}
+    assert set(out["baselines"]) == {"deepspeed-style", "tpe-measured", "random"}
+    for name, b in out["baselines"].items():
+        assert 1 <= b["measurements"] <= 6, name
+        assert b["tokens_per_s"] == pytest.approx(truth[b["config"]])  # a measured figure
+    storage = f"sqlite:///{Path('run3/study.db').resolve()}"
+    base = TrialLog(storage, study_name="baselines").trials()
+    tuned = TrialLog(storage).trials()
+    keys = [t.rc.model_dump_json() for t in base + tuned]
+    assert len(keys) == len(set(keys))  # no config measured twice across strategies
+    assert len({t.n for t in base + tuned}) == len(keys)  # one trials/<n> folder each
+    report = Path("run3/report.md").read_text()
+    assert "same measurement budget" in report and "Cost breakdown" in report
+    assert main(argv) == 0  # the same command again: everything answered from the study
+    again = json.loads(capsys.readouterr().out)
+    assert again["baselines"] == out["baselines"]
+    assert len(TrialLog(storage, study_name="baselines").trials()) == len(base)
+    assert len(TrialLog(storage).trials()) == len(tuned)
+
+
 def test_killed_runs_resume_without_losing_or_repeating(setup) -> None:
     wl, table, _ = setup
     argv = [sys.executable, "-m", "autotune", "run", "--workload", str(wl), "--replay", str(table),

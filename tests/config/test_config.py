@@ -172,6 +172,25 @@ def test_search_space_grid_is_valid_and_refuses_with_the_rule() -> None:
     assert "policy='sorted' is not among the choices" in space.violations(bad)[0]
 
 
+def test_zero_stages_only_where_there_is_data_parallelism_and_degrees_can_be_pinned() -> None:
+    wl = Workload.model_validate({"hardware": {"devices_per_node": 2}})
+    space = SearchSpace(policy=["pack"], micro_batch_tokens=[1024], zero_stage=[0, 2, 3],
+                        checkpointing=["none"])
+    grid = list(space.grid(wl))
+    # by hand: dp2 x three stages, then tp2 and pp2 once each (no data parallelism to shard)
+    assert sorted((rc.parallel.dp, rc.parallel.tp, rc.parallel.pp, rc.parallel.zero_stage)
+                  for rc in grid) == [(1, 1, 2, 0), (1, 2, 1, 0), (2, 1, 1, 0), (2, 1, 1, 2),
+                                      (2, 1, 1, 3)]
+    assert len({rc.model_dump_json() for rc in grid}) == len(grid)
+    tp_only = rc_tp = next(rc for rc in grid if rc.parallel.tp == 2)
+    assert space.canonical(tp_only.model_copy(update={"parallel": tp_only.parallel.model_copy(
+        update={"zero_stage": 3})})) == rc_tp
+    no_pp = SearchSpace(policy=["pack"], micro_batch_tokens=[1024], pp=[1], checkpointing=["none"])
+    assert {rc.parallel.pp for rc in no_pp.grid(wl)} == {1}
+    pp2 = next(rc for rc in grid if rc.parallel.pp == 2)
+    assert "pp=2 is not among the choices [1]" in no_pp.violations(pp2)
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_examples_in_the_readme_are_valid(path: Path) -> None:

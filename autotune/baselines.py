@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from autotune.config import RunConfig, SearchSpace
+from autotune.propose import SpaceEncoding
 from autotune.search import Trial, config_key
 from profilers.records import Measurement
 
-__all__ = ["BASELINES", "Measurer", "SpaceEncoding", "deepspeed_style", "random_search",
-           "run_baseline", "tpe_search"]
+__all__ = ["BASELINES", "Measurer", "deepspeed_style", "random_search", "run_baseline",
+           "tpe_search"]
 
 Source = Callable[[RunConfig, int], Measurement]
 
@@ -114,48 +115,6 @@ def random_search(candidates: Sequence[RunConfig], measure: Measurer, seed: int 
             break
         measure(candidates[int(i)])
     return measure.trials
-
-
-class SpaceEncoding:
-    """The candidates as Optuna parameters: the policy, then the knobs that policy reads, the
-    parallel layout, the ZeRO stage where there is data parallelism, checkpointing, kernels
-    and dtype. A combination that is no candidate (a validity rule fails) is None."""
-
-    def __init__(self, candidates: Sequence[RunConfig]) -> None:
-        self.by_key: dict[tuple, RunConfig] = {}
-        self.choices: dict[str, list] = {}
-        for rc in candidates:
-            params = self.params(rc)
-            self.by_key[tuple(sorted(params.items()))] = rc
-            for name, value in params.items():
-                self.choices.setdefault(name, [])
-                if value not in self.choices[name]:
-                    self.choices[name].append(value)
-        for values in self.choices.values():
-            values.sort(key=lambda v: (isinstance(v, str), v))
-
-    @staticmethod
-    def params(rc: RunConfig) -> dict:
-        p = rc.parallel
-        out = {"policy": rc.schedule.policy,
-               **{k: getattr(rc.schedule, k) for k in SearchSpace._policy_knobs(rc.schedule.policy)},
-               "layout": f"dp{p.dp}-tp{p.tp}-pp{p.pp}-cp{p.cp}",
-               "checkpointing": rc.checkpointing.policy, "attention": rc.kernels.attention,
-               "dtype": rc.precision.dtype}
-        if p.dp > 1:
-            out["zero_stage"] = p.zero_stage
-        return out
-
-    def suggest(self, trial) -> RunConfig | None:  # noqa: ANN001 - optuna.Trial
-        policy = trial.suggest_categorical("policy", self.choices["policy"])
-        params = {"policy": policy}
-        for k in SearchSpace._policy_knobs(policy):
-            params[k] = trial.suggest_categorical(k, self.choices[k])
-        for k in ("layout", "checkpointing", "attention", "dtype"):
-            params[k] = trial.suggest_categorical(k, self.choices[k])
-        if not params["layout"].startswith("dp1-") and "zero_stage" in self.choices:
-            params["zero_stage"] = trial.suggest_categorical("zero_stage", self.choices["zero_stage"])
-        return self.by_key.get(tuple(sorted(params.items())))
 
 
 def tpe_search(candidates: Sequence[RunConfig], measure: Measurer, seed: int = 0,

@@ -68,6 +68,123 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(out: Path) -> tuple[pd.DataFrame, list[RunConfig]]:
+    """The sweep's measurements and the configs of the space it covers (a partial sweep:
+    the measured part of the space, so every replayed answer is a real measurement)."""
+    path = out / "exhaustive.parquet"
+    if not path.exists():
+        raise SystemExit(f"{path}: no sweep yet; run `python -m suites.tuner sweep` first")
+    frame = pd.read_parquet(path)
+    keys = {config_key(RunConfig.model_validate_json(j)) for j in frame.config_json}
+    space = [rc for rc in acceptance_candidates() if config_key(rc) in keys]
+    return frame, space
+
+
+def _cli_run(table: Path, space_yaml: Path, budget: int, models: str, out: Path,
+             seed: int) -> dict:
+    import contextlib
+    import io
+    import json
+
+    from autotune.cli import main as cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli(["run", "--replay", str(table), "--space", str(space_yaml), "--nproc", "2",
+                  "--budget-trials", str(budget), "--baselines", "--seed", str(seed),
+                  "--models", models, "--out", str(out), "--json"])
+    if rc != 0:
+        raise SystemExit(f"autotune run exited {rc}: {buf.getvalue()[-2000:]}")
+    return json.loads(buf.getvalue())
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from autotune.baselines import BASELINES, Measurer, run_baseline
+    from autotune.config import dump_yaml
+    from autotune.portfolio import baseline_configs
+    from autotune.search import ReplaySource
+    from suites._report import host_line
+
+    out = Path(args.out)
+    frame, space = _table(out)
+    ok = frame[frame.status == "COMPLETE"]
+    first = json.loads(ok.measurement_json.iloc[0])
+    best = float(ok.tokens_per_s.max())
+    best_label = ok.loc[ok.tokens_per_s.idxmax(), "label"]
+    budget = max(2, int(args.budget * len(space)))
+    table = out / "exhaustive.parquet"
+    models = ["prior"] + ([args.models] if Path(args.models, "models.json").exists() else [])
+    lines = ["# The tuner against an exhaustive sweep (CPU)", "",
+             f"Host: {host_line()}. CPU figures, not GPU figures. Reproduce:", "",
+             "    python -m suites.tuner sweep     # every config measured, about an hour",
+             "    python -m suites.tuner compare   # the search and baselines replayed, seconds",
+             "",
+             f"- Space: `ACCEPTANCE_SPACE` in `suites/tuner.py` on the default workload with 2 "
+             f"CPU ranks: {len(space)} valid configs measured ({len(ok)} COMPLETE, "
+             f"{frame.status.value_counts().to_dict()}), each once by `autotune.measure` "
+             f"({first['timed_steps']} timed steps after {first['warmup_steps']} warm-up, own "
+             f"process tree), {frame.wall_s.sum() / 60:.0f} min in all.",
+             f"- Exhaustive best: `{best_label}` at {best:,.0f} tokens/s. Configs within 10% of "
+             f"it: {int((ok.tokens_per_s >= 0.9 * best).sum())} (two measurements of one config "
+             f"on this host differ by about 12% median, `results/step_dataset_canary/`).",
+             f"- Budget: {budget} measurements = {budget / len(space):.1%} of the space, for the "
+             f"tuner (its pad-batch baseline included) and for each baseline.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        space_yaml = Path(tmp) / "space.yaml"
+        space_yaml.write_text(dump_yaml(ACCEPTANCE_SPACE))
+        runs = {}
+        for m in models:
+            runs[m] = _cli_run(table, space_yaml, budget, m, Path(tmp) / f"run-{m.replace('/', '_')}", 0)
+        shown = models[-1]
+        keep = out / "run"
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        src = Path(tmp) / f"run-{shown.replace('/', '_')}"
+        for name in ("report.md", "summary.json", "tuned.yaml", "space.yaml"):
+            shutil.copy(src / name, keep / name)
+    lines += ["## `autotune run --replay` on the sweep", "",
+              "| models | tuned config | tokens/s | of exhaustive best | measurements |",
+              "|---|---|---:|---:|---:|"]
+    for m, r in runs.items():
+        lines.append(f"| {m} | `{r['config']}` | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s'] / best:.1%} | {r['measured_trials']} "
+                     f"({r['measured_trials'] / len(space):.1%}) |")
+    # The stochastic baselines over many seeds: one seed's luck is no comparison.
+    source = ReplaySource([table])
+    user = baseline_configs(space[0].workload)[0]
+    lines += ["", f"## Baselines at the same budget ({budget} measurements), "
+              f"{args.seeds} seeds each", "",
+              "| strategy | best tokens/s (median over seeds) | min-max | of exhaustive best "
+              "(median) | tuned / strategy (median; min-max) |",
+              "|---|---:|---|---:|---|"]
+    tuned = {m: r["tokens_per_s"] for m, r in runs.items()}
+    results = {}
+    for name in BASELINES:
+        seeds = range(args.seeds) if name != "deepspeed-style" else range(1)
+        got = []
+        for seed in seeds:
+            trials = run_baseline(name, space, Measurer(source, budget, {}), user, seed=seed)
+            got.append(max([t.measurement.tokens_per_s for t in trials if t.ok] or [0.0]))
+        got = np.array(got)
+        results[name] = got
+        ratios = "; ".join(f"{m}: {tuned[m] / np.median(got):.2f}x "
+                           f"({tuned[m] / got.max():.2f}-{tuned[m] / max(got.min(), 1e-9):.2f})"
+                           for m in models)
+        lines.append(f"| {name} | {np.median(got):,.0f} | {got.min():,.0f}-{got.max():,.0f} | "
+                     f"{np.median(got) / best:.1%} | {ratios} |")
+    lines += ["", "The DeepSpeed-style search is deterministic (one run). `run/` holds the "
+              f"report of the `{shown}` run, baselines included (seed 0).", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m suites.tuner", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--timeout", type=float, default=180.0, help="seconds per config")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sweep)
+    c = sub.add_parser("compare", help="replay the tuner and the baselines over the sweep")
+    c.add_argument("--out", default="results/tuner")
+    c.add_argument("--seeds", type=int, default=10, help="seeds of the TPE and random baselines")
+    c.add_argument("--budget", type=float, default=0.15, help="measurements, share of the space")
+    c.add_argument("--models", default="models", help="fitted models compared with the prior")
+    c.set_defaults(func=_compare)
     args = p.parse_args(argv)
     return args.func(args)
 

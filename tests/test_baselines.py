@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import optuna
-import pytest
 
 from autotune.baselines import (
     Measurer,

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from autotune.cli._common import (
@@ -23,6 +24,7 @@ from autotune.config import RunConfig, Workload
 from autotune.errors import UserError
 
 DEFAULT_BUDGET_S = 480.0  # `autotune run` with no arguments ends within 10 minutes
+MAX_PRICED = 50_000  # larger spaces are sampled by TPE on the predictions, not priced whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ZeRO x micro-batch search, Optuna TPE on measurements only, random "
                         "search (configs one of them measured are not measured again)")
     p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="seed of the TPE and random baselines")
+                   help="seed of the TPE and random baselines and of the predicted studies")
+    p.add_argument("--pareto", action="store_true",
+                   help="tune for the throughput/memory Pareto front: NSGA-II on the "
+                        "predictions proposes the front, measurements spread along it")
+    p.add_argument("--predicted-trials", type=positive_int, default=3000,
+                   help="predicted trials of the NSGA-II study (--pareto) or of the TPE study "
+                        f"that samples a space of more than {MAX_PRICED:,} configs")
     p.add_argument("--steps", type=positive_int, default=3, help="timed steps per trial")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="warm-up steps per trial")
     p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per trial")
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(wl.data, wl.model.resolve())
     models = load_models(args.models, wl.hardware.device)
     space = _space(args)
-    candidates = list(space.grid(wl))
+    candidates = _candidates(args, space, wl, models)
     if not candidates:
         raise UserError(f"no valid config of the search space fits {wl.world_size} device(s) "
                         f"of this workload")
@@ -170,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if not resumed:
         rundir.write_workload(wl)
         rundir.write_text("space.yaml", dump_yaml(space))
+        _keep_models(models, rundir.path)
         rundir.write_text("run.json", json.dumps({"storage": storage, "models": args.models,
                                                   "replay": args.replay}, indent=2) + "\n")
     done = log.trials()
@@ -202,9 +211,13 @@ def run(args: argparse.Namespace) -> int:
         trial = Trial(len(done), baseline, measure_one(baseline, len(done)))
         record(trial)
         done.append(trial)
-    trials = guided_search(candidates, models, measure_one, budget=budget, batch=args.batch,
-                           done=done, on_trial=record, warmup=args.warmup, steps=args.steps,
-                           deadline=deadline)
+    if args.pareto:
+        trials = _along_front(candidates, measure_one, budget, done, record, deadline,
+                              models, args)
+    else:
+        trials = guided_search(candidates, models, measure_one, budget=budget, batch=args.batch,
+                               done=done, on_trial=record, warmup=args.warmup, steps=args.steps,
+                               deadline=deadline)
     bar.close()
     ok = [t for t in trials if t.ok]
     best = max(ok, key=lambda t: t.measurement.tokens_per_s) if ok else None
@@ -218,9 +231,11 @@ def run(args: argparse.Namespace) -> int:
     report = render_report(workload_rc=baseline, dataset=dataset, trials=tuples,
                            best=(best.n, best.rc, best.measurement) if best else None)
     if best is not None:
-        report += "\n" + _cost_breakdown(models, args, best, trials[0])
+        report += "\n" + _top5(ok, best) + "\n" + _cost_breakdown(models, args, best, trials[0])
     if compared:
         report += "\n" + _baselines_section(best, trials, compared)
+    if args.pareto:
+        report += "\n" + _front_section(ok)
     report += "\n" + _predicted_vs_measured(trials, models.calibration)
     rundir.write_text("report.md", report)
     summary = {"run_dir": str(rundir.path), "tuned": str(rundir.path / "tuned.yaml") if best else None,
@@ -239,6 +254,91 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no candidate completed; see {rundir.path / 'report.md'}", file=sys.stderr)
     return 0 if best is not None else 1
+
+
+def _candidates(args: argparse.Namespace, space, wl: Workload, models) -> list[RunConfig]:  # noqa: ANN001
+    """Every valid config of the space, or, past MAX_PRICED, the best of a TPE study on the
+    predictions; with --pareto, NSGA-II's predicted front first."""
+    from autotune.predict import StepPredictor
+    from autotune.propose import SpaceEncoding, propose, space_size
+
+    size = space_size(space, wl)
+    if size <= MAX_PRICED and not args.pareto:
+        return list(space.grid(wl))
+    enc = (SpaceEncoding(space=space, workload=wl) if size > MAX_PRICED
+           else SpaceEncoding(list(space.grid(wl))))
+    predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
+    got = propose(enc, predictor, trials=args.predicted_trials, keep=500, pareto=args.pareto,
+                  cap_bytes=wl.budget.memory_cap_gb * 2**30, seed=args.seed)
+    how = "NSGA-II (throughput/memory front)" if args.pareto else "TPE"
+    print(f"space of up to {size:,} configs: {args.predicted_trials:,} predicted trials of "
+          f"{how} proposed {len(got)} candidates", file=sys.stderr)
+    return got
+
+
+def _along_front(candidates, measure_one, budget, done, record, deadline, models, args):  # noqa: ANN001, ANN202
+    """--pareto: the predicted front measured at evenly spaced points along it (the
+    candidates come front first, highest predicted tokens/s first)."""
+    from autotune.predict import StepPredictor
+    from autotune.propose import pareto_front
+    from autotune.search import Trial, config_key
+
+    pred = StepPredictor(models, warmup=args.warmup, steps=args.steps).predict_many(candidates)
+    front = pareto_front(list(zip(pred.tokens_per_s, pred.peak_mem_bytes, strict=True)))
+    trials, tried = list(done), {config_key(t.rc) for t in done}
+    room = max(budget - len(trials), 0)
+    picks = [front[int(round(i))] for i in np.linspace(0, len(front) - 1, min(room, len(front)))]
+    picks += [i for i in range(len(candidates)) if i not in set(picks)]  # then the rest
+    for i in picks:
+        if len(trials) >= budget or time.monotonic() >= deadline:
+            break
+        rc = candidates[i]
+        if config_key(rc) in tried:
+            continue
+        trial = Trial(len(trials), rc, measure_one(rc, len(trials)),
+                      float(pred.tokens_per_s[i]), float(pred.peak_mem_bytes[i]))
+        trials.append(trial)
+        tried.add(config_key(rc))
+        record(trial)
+    return trials
+
+
+def _front_section(ok: list) -> str:
+    from autotune.propose import pareto_front
+
+    pts = [(t.measurement.tokens_per_s, t.measurement.peak_mem_bytes or np.inf) for t in ok]
+    lines = ["## Throughput / memory Pareto front (measured)", "",
+             "Measured configs no other measured config beats on both tokens/s and peak tensor "
+             "memory: pick by how much memory you can spare.", "",
+             "| config | tokens/s | peak tensor MiB |", "|---|---:|---:|"]
+    for i in pareto_front(pts):
+        t = ok[i]
+        lines.append(f"| `{t.rc.label()}` | {t.measurement.tokens_per_s:,.0f} | "
+                     f"{(t.measurement.peak_mem_bytes or 0) / 2**20:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _keep_models(models, path: Path) -> None:  # noqa: ANN001
+    """The models the run priced with, and which profiles they were fitted on, kept with it:
+    a report can be re-derived after models/ and profiles/ have moved on."""
+    from profilers.store import atomic_write_text
+
+    models.save(path / "models")
+    store = Path("profiles") / "store.json"
+    if models.families and store.is_file():
+        atomic_write_text(path / "models" / "profiles_store.json", store.read_text())
+
+
+def _top5(ok: list, best) -> str:  # noqa: ANN001
+    top = sorted(ok, key=lambda t: -t.measurement.tokens_per_s)[:5]
+    lines = ["## Top 5 measured", "",
+             "| rank | config | measured tokens/s | of the tuned | predicted before measuring |",
+             "|---:|---|---:|---:|---:|"]
+    for r, t in enumerate(top, 1):
+        pred = f"{t.predicted_tokens_per_s:,.0f}" if t.predicted_tokens_per_s else "-"
+        lines.append(f"| {r} | `{t.rc.label()}` | {t.measurement.tokens_per_s:,.0f} | "
+                     f"{t.measurement.tokens_per_s / best.measurement.tokens_per_s:.0%} | {pred} |")
+    return "\n".join(lines) + "\n"
 
 
 def _space(args: argparse.Namespace):  # noqa: ANN202

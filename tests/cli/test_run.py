@@ -45,8 +45,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, 
     step = 2.2 * comp.compute_s.to_numpy() + 4e-3 * mbs + 0.04
     rows = []
     for rc, s, tokens in zip(rcs, step, comp.tokens_per_step):
+        # the faster, the more memory: a throughput/memory trade-off to find a front in
         m = Measurement(status="COMPLETE", tokens_per_s=tokens / s, step_time_s=s,
-                        step_times_s=[s] * 3, peak_mem_bytes=1e7, warmup_steps=1, timed_steps=3)
+                        step_times_s=[s] * 3, peak_mem_bytes=int(1e7 + 1e4 * tokens / s),
+                        warmup_steps=1, timed_steps=3)
         rows.append({"config_json": rc.model_dump_json(), "measurement_json": m.model_dump_json()})
     table = tmp_path / "table.parquet"
     pd.DataFrame(rows).to_parquet(table)
@@ -97,6 +99,22 @@ def test_baselines_run_at_the_tuners_budget_and_resume_repeats_nothing(
     assert again["baselines"] == out["baselines"]
     assert len(TrialLog(storage, study_name="baselines").trials()) == len(base)
     assert len(TrialLog(storage).trials()) == len(tuned)
+
+
+def test_pareto_mode_reports_the_measured_front(setup, capsys: pytest.CaptureFixture) -> None:
+    wl, table, _ = setup
+    assert main(["run", "--workload", str(wl), "--replay", str(table), "--out", "run4",
+                 "--budget-trials", "6", "--pareto", "--predicted-trials", "400", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured_trials"] == 6
+    trials = [t for t in TrialLog(f"sqlite:///{Path('run4/study.db').resolve()}").trials() if t.ok]
+    report = Path("run4/report.md").read_text()
+    section = report.split("## Throughput / memory Pareto front (measured)")[1].split("##")[0]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    pts = {t.rc.label(): (t.measurement.tokens_per_s, t.measurement.peak_mem_bytes) for t in trials}
+    brute = {k for k, (a, b) in pts.items()
+             if not any(c >= a and d <= b and (c, d) != (a, b) for c, d in pts.values())}
+    assert listed == brute and len(listed) >= 2
 
 
 def test_killed_runs_resume_without_losing_or_repeating(setup) -> None:

@@ -164,15 +164,14 @@ def _compare(args: argparse.Namespace) -> int:
               "(median) | tuned / strategy (median; min-max) |",
               "|---|---:|---|---:|---|"]
     tuned = {m: r["tokens_per_s"] for m, r in runs.items()}
-    results = {}
     for name in BASELINES:
         seeds = range(args.seeds) if name != "deepspeed-style" else range(1)
-        got = []
+        found: list[float] = []
         for seed in seeds:
             trials = run_baseline(name, space, Measurer(source, budget, {}), user, seed=seed)
-            got.append(max([t.measurement.tokens_per_s for t in trials if t.ok] or [0.0]))
-        got = np.array(got)
-        results[name] = got
+            found.append(max([float(t.measurement.tokens_per_s or 0) for t in trials if t.ok]
+                             or [0.0]))
+        got = np.array(found)
         ratios = "; ".join(f"{m}: {tuned[m] / np.median(got):.2f}x "
                            f"({tuned[m] / got.max():.2f}-{tuned[m] / max(got.min(), 1e-9):.2f})"
                            for m in models)

@@ -132,6 +132,22 @@ def instance_keys(family: str, rows: pd.DataFrame) -> pd.Series:
     return out
 
 
+def fit_pairwise(x: pd.DataFrame, seconds: np.ndarray, groups: np.ndarray, *,
+                 rounds: int = 100):  # noqa: ANN201 - an xgboost Booster
+    """XGBoost ``rank:pairwise``: within each group (one op instance or kernel shape), which
+    rows (configs) are faster. Relevance is how many configs of the group a row beats."""
+    import xgboost as xgb
+
+    order = np.argsort(groups, kind="stable")
+    x, seconds, groups = x.iloc[order], np.asarray(seconds, float)[order], np.asarray(groups)[order]
+    relevance = pd.Series(seconds).groupby(groups).rank(ascending=False).to_numpy() - 1
+    dm = xgb.DMatrix(x.to_numpy(float), label=relevance, feature_names=list(x.columns))
+    _, sizes = np.unique(groups, return_counts=True)
+    dm.set_group(sizes)
+    return xgb.train({"objective": "rank:pairwise", "eta": 0.1, "max_depth": 4, "seed": 0,
+                      "nthread": 0}, dm, num_boost_round=rounds)
+
+
 @dataclass
 class FamilyRanker:
     """XGBoost ``rank:pairwise`` over the kernel configs of one op instance: which config
@@ -147,7 +163,6 @@ class FamilyRanker:
     def fit(cls, family: str, rows: pd.DataFrame, ceilings: Ceilings,
             fingerprint: str) -> FamilyRanker | None:
         """None when no instance was profiled under two configs or more."""
-        import xgboost as xgb
 
         ok = rows[rows.status == "COMPLETE"].copy()
         ok["_instance"] = instance_keys(family, ok).to_numpy()
@@ -155,15 +170,8 @@ class FamilyRanker:
         ok = ok[ok["_instance"].isin(sizes[sizes > 1].index)].sort_values("_instance")
         if ok.empty:
             return None
-        # relevance: how many configs of the instance this one beats
-        seconds = pd.Series(target_seconds(ok), index=ok.index)
-        relevance = seconds.groupby(ok["_instance"]).rank(ascending=False) - 1
-        x = family_features(family, ok, ceilings)
-        dm = xgb.DMatrix(x.to_numpy(float), label=relevance.to_numpy(float),
-                         feature_names=list(x.columns))
-        dm.set_group(ok.groupby("_instance", sort=True).size().to_numpy())
-        booster = xgb.train({"objective": "rank:pairwise", "eta": 0.1, "max_depth": 4,
-                             "seed": 0, "nthread": 0}, dm, num_boost_round=100)
+        booster = fit_pairwise(family_features(family, ok, ceilings), target_seconds(ok),
+                               ok["_instance"].to_numpy())
         return cls(family, fingerprint, int(ok["_instance"].nunique()), booster)
 
     def scores(self, rows: pd.DataFrame, ceilings: Ceilings) -> np.ndarray:

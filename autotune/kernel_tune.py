@@ -1,0 +1,146 @@
+"""Kernel configs tuned per family, FamilySeer style: the shapes of one kernel share a ranker,
+so measuring a few configs on a few shapes tells the rest which configs to try.
+
+``family_tune`` measures a spread of configs on two anchor shapes (the smallest and the
+largest), fits an XGBoost ``rank:pairwise`` ranker over shape and config features, then for
+every other shape measures the config that won on its nearest tuned sibling and the ranker's
+top picks, refitting the ranker after each shape; the answer per shape is its best
+*measured* config. ``independent_tune`` is the comparison: the same budget spent per shape
+with no sharing (random configs). Both take a ``measure(shape_index, config_index)`` that
+returns seconds (a live timer or a recorded table).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TuneResult", "bench", "family_tune", "independent_tune"]
+
+Measure = Callable[[int, int], float]
+Features = Callable[[dict, dict], dict[str, float]]
+
+
+@dataclass
+class TuneResult:
+    best: list[int]  # per shape: index of its best measured config
+    seconds: list[float]  # per shape: that config's measured time
+    measured: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    @property
+    def n_measured(self) -> int:
+        return len(self.measured)
+
+
+def bench(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
+          min_s: float = 0.02) -> float:
+    """Median seconds of ``fn()``: ``warmup`` discarded calls, then at least ``repeats``
+    calls and at least ``min_s`` in all (short kernels are repeated more, as Triton's
+    do_bench does)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def _size(shape: dict) -> float:
+    return float(np.prod([max(int(v), 1) for v in shape.values()]))
+
+
+def _features(shapes: Sequence[dict], configs: Sequence[dict], pairs: Sequence[tuple[int, int]],
+              features: Features) -> pd.DataFrame:
+    return pd.DataFrame([features(shapes[s], configs[c]) for s, c in pairs])
+
+
+def family_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measure, *,
+                features: Features, budget: float = 0.25, anchor_share: float = 0.33,
+                seed: int = 0) -> TuneResult:
+    """At most ``budget`` of all (shape, config) pairs measured; ``anchor_share`` of the
+    configs are measured on each of the two anchor shapes."""
+    n_s, n_c = len(shapes), len(configs)
+    allowed = max(int(budget * n_s * n_c), min(n_s * n_c, 2 * n_s))
+    rng = np.random.default_rng(seed)
+    measured: dict[tuple[int, int], float] = {}
+
+    def take(s: int, c: int) -> None:
+        if (s, c) not in measured and len(measured) < allowed:
+            measured[(s, c)] = float(measure(s, c))
+
+    order = sorted(range(n_s), key=lambda s: _size(shapes[s]))
+    anchors = [order[0], order[-1]] if n_s > 1 else order
+    per_anchor = max(2, min(n_c, int(anchor_share * n_c), allowed // (2 * max(len(anchors), 1))))
+    for s in anchors:
+        for c in rng.permutation(n_c)[:per_anchor]:
+            take(s, int(c))
+    rest = [s for s in order if s not in anchors]
+    # one measurement per shape held back for a last pass with the ranker fitted on all
+    reserve = len(rest) if allowed - len(measured) >= 3 * len(rest) else 0
+    tuned = list(anchors)
+    for i, s in enumerate(rest):
+        room = (allowed - reserve - len(measured)) // (len(rest) - i)
+        if room <= 0:
+            break
+        scores = _ranked(shapes, configs, measured, features, s)
+        # the nearest tuned sibling's winner first (FamilySeer's transfer), then the ranker
+        near = min(tuned, key=lambda t: abs(math.log(_size(shapes[t]) / _size(shapes[s]))))
+        sibling = min((c for (t, c) in measured if t == near), key=lambda c: measured[(near, c)])
+        picks = [sibling] + [int(c) for c in np.argsort(-scores) if int(c) != sibling]
+        for c in picks[:room]:
+            take(s, c)
+        tuned.append(s)
+    for s in rest if reserve else []:
+        scores = _ranked(shapes, configs, measured, features, s)
+        nxt = next((int(c) for c in np.argsort(-scores) if (s, int(c)) not in measured), None)
+        if nxt is not None:
+            take(s, nxt)
+    return _result(n_s, measured)
+
+
+def _ranked(shapes: Sequence[dict], configs: Sequence[dict], measured: dict, features: Features,
+            s: int) -> np.ndarray:
+    """The ranker, fitted on every measurement so far, scoring every config on shape ``s``
+    (higher: faster)."""
+    import xgboost as xgb
+
+    from cost_models.family import fit_pairwise
+
+    pairs = list(measured)
+    ranker = fit_pairwise(_features(shapes, configs, pairs, features),
+                          np.array([measured[p] for p in pairs]),
+                          np.array([p[0] for p in pairs]), rounds=60)
+    x = _features(shapes, configs, [(s, c) for c in range(len(configs))], features)
+    return ranker.predict(xgb.DMatrix(x.to_numpy(float), feature_names=list(x.columns)))
+
+
+def independent_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measure, *,
+                     per_shape: int, seed: int = 0) -> TuneResult:
+    """``per_shape`` random configs measured on every shape, nothing shared."""
+    rng = np.random.default_rng(seed)
+    measured = {}
+    for s in range(len(shapes)):
+        for c in rng.permutation(len(configs))[:per_shape]:
+            measured[(s, int(c))] = float(measure(s, int(c)))
+    return _result(len(shapes), measured)
+
+
+def _result(n_s: int, measured: dict[tuple[int, int], float]) -> TuneResult:
+    best, seconds = [], []
+    for s in range(n_s):
+        mine = {c: t for (t_s, c), t in measured.items() if t_s == s}
+        c = min(mine, key=mine.get) if mine else -1
+        best.append(c)
+        seconds.append(mine[c] if mine else math.inf)
+    return TuneResult(best, seconds, measured)

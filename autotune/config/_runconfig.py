@@ -94,9 +94,25 @@ class CheckpointConfig(BaseModel):
 
 
 class KernelsConfig(BaseModel):
+    """Which kernel runs each tunable op, and with which config.
+
+    ``attention``: ``sdpa`` (torch's fused kernel per group of equal segments), ``eager``
+    (plain math), ``blocked`` (flash-style blocks with tunable sizes) or ``triton`` (GPUs).
+    ``loss``: ``full`` (lm head logits, then cross-entropy) or ``fused`` (both in token
+    chunks: the logits never exist whole). ``norm``: ``torch`` or ``fused`` (RMSNorm saving
+    only per-row statistics). ``configs`` pins a kernel's config (``{linear_ce: {chunk_tokens:
+    2048}}``); otherwise the config comes from ``tuning_cache`` (``auto``: this device's cache
+    written by ``autotune kernels tune``, when there is one; a path; ``none``) for the shape
+    at hand, else the kernel's default.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    attention: Literal["sdpa", "eager", "blocked", "triton"] = "sdpa"
+    loss: Literal["full", "fused"] = "full"
+    norm: Literal["torch", "fused"] = "torch"
+    configs: dict[str, dict[str, int]] = Field(default_factory=dict)
+    tuning_cache: str = "auto"
 
 
 class PrecisionConfig(BaseModel):

@@ -144,3 +144,48 @@ def _result(n_s: int, measured: dict[tuple[int, int], float]) -> TuneResult:
         best.append(c)
         seconds.append(mine[c] if mine else math.inf)
     return TuneResult(best, seconds, measured)
+
+
+def workload_shapes(rc, *, steps: int = 3) -> dict[str, list[dict]]:  # noqa: ANN001 - RunConfig
+    """The shapes ``rc``'s training steps run, per tunable kernel: one representative (the
+    most frequent) per shape bucket, largest first."""
+    from collections import Counter
+
+    from autotune.data import global_batches, load_dataset, make_policy
+    from autotune.step_ops import step_op_rows
+    from kernels.cache import shape_bucket
+
+    dims = rc.workload.model.resolve()
+    data = load_dataset(rc.workload.data, dims)
+    policy = make_policy(rc, dims, data_max_len=data.max_len)
+    stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
+                            seed=rc.seed)
+    seen: dict[str, Counter] = {k: Counter() for k in ("matmul", "rmsnorm", "linear_ce", "attention")}
+    for _ in range(steps):
+        plan = policy.plan_ranks(data.lengths[next(stream)], rc.parallel.dp)[0]
+        rows = step_op_rows(rc, plan, dims)
+        for r in rows.get("gemm", pd.DataFrame()).itertuples():
+            seen["matmul"][(("m", int(r.m)), ("k", int(r.k)), ("n", int(r.n)))] += int(r.count)
+        for r in rows.get("norm", pd.DataFrame()).itertuples():
+            if r.op == "rms_norm":
+                seen["rmsnorm"][(("tokens", int(r.tokens)), ("width", int(r.width)))] += int(r.count)
+        for r in rows.get("loss", pd.DataFrame()).itertuples():
+            seen["linear_ce"][(("tokens", int(r.tokens)), ("hidden", int(r.hidden)),
+                               ("vocab", int(r.vocab)))] += int(r.count)
+        for r in rows.get("attention", pd.DataFrame()).itertuples():
+            if r.op != "varlen":
+                continue
+            seqlens = [int(x) for x in r.seqlens]
+            seen["attention"][(("tokens", sum(seqlens)), ("max_len", max(seqlens)),
+                               ("heads", int(r.heads)), ("kv_heads", int(r.kv_heads)),
+                               ("head_dim", int(r.head_dim)))] += int(r.count)
+    out: dict[str, list[dict]] = {}
+    for kernel, counts in seen.items():
+        by_bucket: dict[str, tuple[int, dict]] = {}
+        for key, n in counts.items():
+            shape = dict(key)
+            b = shape_bucket(shape)
+            if b not in by_bucket or n > by_bucket[b][0]:
+                by_bucket[b] = (n, shape)
+        out[kernel] = sorted((s for _, s in by_bucket.values()), key=_size, reverse=True)
+    return out

@@ -58,9 +58,10 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"{len(candidates)} configs in the space, {len(candidates) - len(todo)} already "
           f"measured", file=sys.stderr)
     for rc in tqdm(todo, desc="measuring", unit="config", file=sys.stderr):
-        start = time.monotonic()
+        start, began = time.monotonic(), time.time()
         m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout)
-        rows.append({**_row(rc, m), "wall_s": time.monotonic() - start})
+        # when, so a window in which something else loaded the machine can be re-measured
+        rows.append({**_row(rc, m), "wall_s": time.monotonic() - start, "started_at": began})
         _write(path, rows)
     frame = pd.DataFrame(rows)
     print(f"{(frame.status == 'COMPLETE').sum()} of {len(frame)} configs COMPLETE; "

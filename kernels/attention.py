@@ -104,7 +104,26 @@ def varlen_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, 0).index_select(0, inverse)
 
 
-ATTENTION_IMPLS = {"sdpa": varlen_attention_sdpa, "eager": varlen_attention_reference}
+def _varlen_attention_tuned(impl: str):  # noqa: ANN202
+    """The blocked kernel with the block sizes tuned for this micro-batch's shape."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Sequence[int],
+            cu_seqlens_k: Sequence[int]) -> torch.Tensor:
+        from kernels import tuned
+        from kernels.attention_blocked import varlen_attention_blocked
+
+        longest = max(b - a for a, b in zip(cu_seqlens_k[:-1], cu_seqlens_k[1:], strict=True))
+        cfg = tuned.config("attention", {"tokens": k.shape[0], "max_len": longest,
+                                         "heads": q.shape[1], "kv_heads": k.shape[1],
+                                         "head_dim": q.shape[2]})
+        return varlen_attention_blocked(q, k, v, cu_seqlens_q, cu_seqlens_k, impl=impl, **cfg)
+
+    return run
+
+
+ATTENTION_IMPLS = {"sdpa": varlen_attention_sdpa, "eager": varlen_attention_reference,
+                   "blocked": _varlen_attention_tuned("torch"),
+                   "triton": _varlen_attention_tuned("triton")}
 
 
 def _lower_right_bias(lq: int, lk: int, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kernels.cache import TuningCache
 
-__all__ = ["DEFAULTS", "KernelChooser"]
+__all__ = ["DEFAULTS", "KernelChooser", "activate", "config", "default_cache_path"]
 
 # Middle-of-the-space configs: sane before any tuning.
 DEFAULTS: dict[str, dict[str, int]] = {
@@ -21,6 +21,19 @@ MODULES = {"linear_ce": "kernels.linear_ce", "rmsnorm": "kernels.rmsnorm",
            "attention": "kernels.attention_blocked", "matmul": "kernels.matmul"}
 
 
+def default_cache_path(device: str = "cpu") -> Path:
+    """This device's tuning cache, beside the profilers' caches (``$AUTOTUNE_CACHE_DIR`` or
+    ``~/.cache/autotune``), named by the device fingerprint."""
+    import os
+
+    from autotune import __version__
+    from profilers.fingerprint import current_fingerprint
+
+    root = os.environ.get("AUTOTUNE_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "autotune"
+    return base / "kernels" / f"{current_fingerprint(device, __version__).key()}.json"
+
+
 class KernelChooser:
     def __init__(self, dtype: str, pinned: dict[str, dict[str, int]] | None = None,
                  cache: TuningCache | None = None) -> None:
@@ -28,12 +41,14 @@ class KernelChooser:
         self._memo: dict[tuple, dict] = {}
 
     @classmethod
-    def for_run(cls, kernels, dtype: str, device: str, cache_path: Path | None) -> KernelChooser:  # noqa: ANN001
-        """From a RunConfig's ``kernels`` section; ``cache_path`` is this device's default
-        cache, used when the section says ``auto`` and the file exists."""
+    def for_run(cls, kernels, dtype: str, device: str,  # noqa: ANN001 - KernelsConfig
+                cache_path: Path | None = None) -> KernelChooser:
+        """From a RunConfig's ``kernels`` section; ``cache_path`` (default: this device's
+        cache, ``default_cache_path``) is used when the section says ``auto`` and it exists."""
         from autotune import __version__
         from profilers.fingerprint import current_fingerprint
 
+        cache_path = cache_path or default_cache_path(device)
         where = kernels.tuning_cache
         path = None
         if where == "auto":
@@ -54,3 +69,20 @@ class KernelChooser:
                 got = self.cache.get(kernel, shape, self.dtype, module=MODULES[kernel])
             self._memo[key] = dict(got if got is not None else DEFAULTS[kernel])
         return self._memo[key]
+
+
+# The chooser of the run in this process: kernels called deep inside the model ask it for
+# their config, so the model's modules need not carry it (one run per training process).
+_ACTIVE: KernelChooser | None = None
+
+
+def activate(chooser: KernelChooser | None) -> None:
+    global _ACTIVE
+    _ACTIVE = chooser
+
+
+def config(kernel: str, shape: dict[str, int]) -> dict[str, int]:
+    """The active run's config for ``kernel`` at ``shape``, else the kernel's default."""
+    if _ACTIVE is None:
+        return dict(DEFAULTS[kernel])
+    return _ACTIVE.config(kernel, shape)

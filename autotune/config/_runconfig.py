@@ -182,6 +182,9 @@ def rule_violations(rc: RunConfig) -> list[str]:
         problems.append(f"dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} does not "
                         f"match the {w.world_size} devices of the workload "
                         f"(devices_per_node * nodes)")
+    if rc.kernels.attention == "triton" and w.hardware.device != "cuda":
+        problems.append("kernels.attention=triton needs device cuda (on CPUs its kernels run "
+                        "only under TRITON_INTERPRET=1, for tests); use blocked or sdpa")
     dims = w.model.resolve()
     if dims.heads % p.tp or dims.kv_heads % p.tp:
         problems.append(f"tp={p.tp} does not divide heads={dims.heads} and kv_heads={dims.kv_heads}")

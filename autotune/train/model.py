@@ -44,7 +44,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    fused = False  # set on every norm of a model whose RunConfig asks kernels.norm: fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kernels import tuned
+            from kernels.rmsnorm import rms_norm_fused
+
+            rows = x.numel() // x.shape[-1]
+            cfg = tuned.config("rmsnorm", {"tokens": rows, "width": x.shape[-1]})
+            return rms_norm_fused(x, self.weight, self.eps, **cfg)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -137,9 +146,11 @@ class Decoder(nn.Module):
         checkpoint_layers: recompute the activations of this many leading layers in backward.
     """
 
-    def __init__(self, dims: ModelDims, *, attention: str = "sdpa", checkpoint_layers: int = 0):
+    def __init__(self, dims: ModelDims, *, attention: str = "sdpa", checkpoint_layers: int = 0,
+                 loss: str = "full", norm: str = "torch"):
         super().__init__()
         self.dims = dims
+        self.fused_loss = loss == "fused"
         self.checkpoint_layers = checkpoint_layers
         self.tok_embeddings = nn.Embedding(dims.vocab, dims.hidden)
         # A dict keyed by global layer index (torchtitan's layout), so that a pipeline stage
@@ -150,6 +161,9 @@ class Decoder(nn.Module):
         if dims.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(dims.dim_head, dims.rope_theta)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = norm == "fused"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -178,10 +192,32 @@ class Decoder(nn.Module):
     def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         with record_function("autotune:loss"):
+            if self.fused_loss:
+                return self._fused_loss(h, labels)
             logits = self.output(h)
             # Cross-entropy in at least float32 even under bf16 autocast.
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _fused_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The lm head and cross-entropy in token chunks (kernels.linear_ce): the logits
+        never exist whole. Under autocast both operands take the autocast dtype, as the
+        unfused lm head would; the kernel accumulates in float32 either way."""
+        from kernels import tuned
+        from kernels.linear_ce import linear_cross_entropy
+
+        w = self.output.weight
+        kind = h.device.type
+        if torch.is_autocast_enabled(kind):
+            dt = torch.get_autocast_dtype(kind)
+            h, w = h.to(dt), w.to(dt)
+        elif h.dtype != w.dtype:
+            h = h.to(w.dtype)
+        cfg = tuned.config("linear_ce", {"tokens": h.shape[0], "hidden": h.shape[1],
+                                         "vocab": w.shape[0]})
+        with torch.autocast(kind, enabled=False):
+            return linear_cross_entropy(h, w, labels, ignore_index=IGNORE_INDEX,
+                                        reduction="sum", **cfg)
 
     def forward(self, batch: PackedBatch, *, prefix_kv: list[KV] | None = None,
                 return_kv: bool = False) -> tuple[torch.Tensor, list[KV]]:

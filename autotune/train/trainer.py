@@ -19,6 +19,7 @@ from autotune.data import (
     make_policy,
 )
 from autotune.data.cost import plan_flops
+from autotune.errors import UserError
 from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.distributed import ParallelContext
 from autotune.train.flops import model_flops
@@ -103,7 +104,16 @@ class Trainer:
         self.device = self.ctx.device
         self.dataset = dataset if dataset is not None else load_dataset(rc.workload.data, self.dims)
         torch.manual_seed(rc.seed)
-        decoder = Decoder(self.dims, attention=rc.kernels.attention,
+        from kernels import tuned
+        from kernels.cache import CacheMismatch
+
+        try:  # a foreign or broken cache is refused here, before any step
+            tuned.activate(tuned.KernelChooser.for_run(
+                rc.kernels, rc.precision.dtype, rc.workload.hardware.device))
+        except CacheMismatch as exc:
+            raise UserError(str(exc)) from None
+        decoder = Decoder(self.dims, attention=rc.kernels.attention, loss=rc.kernels.loss,
+                          norm=rc.kernels.norm,
                           checkpoint_layers=rc.checkpointing.checkpointed_layers(self.dims.layers)
                           ).to(self.device)
         autocast = torch.bfloat16 if rc.precision.dtype == "bf16" else None

@@ -53,3 +53,18 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
     bf16 = [trainer.step().loss for _ in range(2)]
     # bf16 keeps 8 mantissa bits: the token-mean loss agrees to about 1%.
     np.testing.assert_allclose(bf16, fp32, rtol=0.02)
+
+
+def test_tunable_kernels_train_the_same_function() -> None:
+    """Fused linear cross-entropy, fused RMSNorm and blocked attention (with block sizes that
+    split the chunks, pinned as a tuned config would be) against the default kernels: the
+    same losses over three optimizer steps, to float32 noise."""
+    ref = _losses(3)
+    data = {**TINY, "kernels": {"attention": "blocked", "loss": "fused", "norm": "fused",
+                                "tuning_cache": "none",
+                                "configs": {"attention": {"block_q": 16, "block_k": 32},
+                                            "linear_ce": {"chunk_tokens": 48},
+                                            "rmsnorm": {"block_rows": 40}}}}
+    trainer = Trainer(RunConfig.model_validate(data))
+    got = [trainer.step().loss for _ in range(3)]
+    np.testing.assert_allclose(got, ref, rtol=1e-4)

@@ -1,0 +1,56 @@
+"""`autotune kernels tune` writes a tuning cache the trainer's chooser reads back; bad input
+is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autotune.cli import main
+from autotune.config import RunConfig
+from kernels.cache import TuningCache
+from kernels.registry import KERNELS
+from kernels.tuned import KernelChooser
+
+RC = {
+    "workload": {"model": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128,
+                           "vocab": 96},
+                 "data": {"preset": "longsft", "num_sequences": 64, "max_len": 512},
+                 "budget": {"global_batch_tokens": 1024}},
+    "schedule": {"policy": "pack", "micro_batch_tokens": 512},
+    "kernels": {"norm": "fused"},
+}
+
+
+def test_tune_writes_a_cache_the_trainer_reads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc_path = tmp_path / "rc.yaml"
+    rc_path.write_text(yaml.safe_dump(RC))
+    cache = tmp_path / "kernels.json"
+    assert main(["kernels", "tune", "--workload", str(rc_path), "--kernel", "rmsnorm",
+                 "--cache", str(cache), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tuned = out["kernels"]["rmsnorm"]["tuned"]
+    assert tuned and out["kernels"]["rmsnorm"]["measured_pairs"] >= len(tuned)
+    rc = RunConfig.model_validate(RC | {"kernels": {"norm": "fused", "tuning_cache": str(cache)}})
+    chooser = KernelChooser.for_run(rc.kernels, "fp32", "cpu")
+    for t in tuned:  # the trainer gets each shape's measured best
+        assert chooser.config("rmsnorm", t["shape"]) == t["config"]
+        assert t["config"] in KERNELS["rmsnorm"].configs()
+    data = json.loads(cache.read_text())
+    assert all(e["source_hash"] for e in data["entries"].values())
+    # run again: the same file is loaded and extended, not refused
+    assert main(["kernels", "tune", "--workload", str(rc_path), "--kernel", "rmsnorm",
+                 "--cache", str(cache)]) == 0
+
+
+def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["kernels", "tune", "--kernel", "nope"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    foreign = tmp_path / "foreign.json"
+    TuningCache(foreign, "another-device").save()
+    assert main(["kernels", "tune", "--kernel", "rmsnorm", "--cache", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tuned on device another-device" in err

@@ -9,8 +9,6 @@ float32 logits (both return bf16-rounded gradients).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -198,13 +196,7 @@ def test_triton_on_cpu_without_the_interpreter_is_refused() -> None:
         linear_cross_entropy(hidden, weight, targets, impl="triton")
 
 
-def test_interpreted_triton_run_passes() -> None:
-    pytest.importorskip("triton")
+def test_interpreted_triton_run_passes(run_interpreted) -> None:  # noqa: ANN001 - fixture
     if _INTERPRET:
         pytest.skip("this is the interpreted run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                          "-k", "triton_kernel"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
+    run_interpreted(__file__, "triton_kernel")

@@ -16,9 +16,6 @@ in a child pytest with the variable set.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,11 +125,5 @@ def test_interpreted_triton_grouped_order_covers_every_tile(dtype: torch.dtype) 
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreted tests run in this process")
-def test_triton_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-        cwd=Path(__file__).parents[2], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " skipped" not in child.stdout, child.stdout[-2000:]
+def test_triton_under_interpreter(run_interpreted) -> None:  # noqa: ANN001 - fixture
+    run_interpreted(__file__, "interpreted")

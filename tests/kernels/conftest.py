@@ -11,6 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """At these sizes a second intra-op thread only spin-waits, costing CPU time for nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

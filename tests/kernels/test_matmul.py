@@ -31,14 +31,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 GROUPED = {"block_m": 16, "block_n": 16, "block_k": 16, "group_m": 3, "num_warps": 4, "num_stages": 2}
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """At these sizes a second intra-op thread only spin-waits, costing CPU time for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _operands(m: int, n: int, k: int, dtype: torch.dtype, *, seed: int, b_transposed: bool = False

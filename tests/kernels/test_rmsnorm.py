@@ -40,14 +40,7 @@ TRITON_CONFIGS = covering_sample(TRITON_SPACE, 4, seed=0) + [
     {"block_h": 16, "block_rows": 2, "num_warps": 4}, {"block_h": 32, "block_rows": 1, "num_warps": 2}]
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """At these sizes a second intra-op thread only spin-waits, costing CPU time for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_against_reference(shape: tuple[int, ...], dtype: torch.dtype, seed: int, *,

@@ -7,7 +7,9 @@ every other shape measures the config that won on its nearest tuned sibling and 
 top picks, refitting the ranker after each shape; the answer per shape is its best
 *measured* config. ``independent_tune`` is the comparison: the same budget spent per shape
 with no sharing (random configs). Both take a ``measure(shape_index, config_index)`` that
-returns seconds (a live timer or a recorded table).
+returns seconds (a live timer or a recorded table), and optionally an ``allowed`` mask
+(shapes x configs): pairs outside it, such as a fused loss's chunk sizes that would not cut
+memory enough, are never measured nor picked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-__all__ = ["TuneResult", "bench", "family_tune", "independent_tune"]
+__all__ = ["TuneResult", "bench", "family_tune", "independent_tune", "measurement_limit"]
 
 Measure = Callable[[int, int], float]
 Features = Callable[[dict, dict], dict[str, float]]
@@ -65,45 +67,65 @@ def _features(shapes: Sequence[dict], configs: Sequence[dict], pairs: Sequence[t
     return pd.DataFrame([features(shapes[s], configs[c]) for s, c in pairs])
 
 
+def _mask(n_s: int, n_c: int, allowed: np.ndarray | None) -> np.ndarray:
+    mask = np.ones((n_s, n_c), bool) if allowed is None else np.asarray(allowed, bool)
+    if mask.shape != (n_s, n_c) or not mask.any(axis=1).all():
+        raise ValueError("allowed must be shapes x configs with at least one config per shape")
+    return mask
+
+
+def measurement_limit(allowed: np.ndarray, budget: float) -> int:
+    """Pairs ``family_tune`` measures at most: ``budget`` of the allowed ones, but never
+    fewer than two per shape (one to transfer, one to try)."""
+    total = int(np.asarray(allowed, bool).sum())
+    return max(int(budget * total), min(total, 2 * len(allowed)))
+
+
 def family_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measure, *,
                 features: Features, budget: float = 0.25, anchor_share: float = 0.33,
-                seed: int = 0) -> TuneResult:
-    """At most ``budget`` of all (shape, config) pairs measured; ``anchor_share`` of the
-    configs are measured on each of the two anchor shapes."""
+                seed: int = 0, allowed: np.ndarray | None = None) -> TuneResult:
+    """At most ``budget`` of all allowed (shape, config) pairs measured; ``anchor_share`` of
+    the configs are measured on each of the two anchor shapes."""
     n_s, n_c = len(shapes), len(configs)
-    allowed = max(int(budget * n_s * n_c), min(n_s * n_c, 2 * n_s))
+    mask = _mask(n_s, n_c, allowed)
+    limit = measurement_limit(mask, budget)
     rng = np.random.default_rng(seed)
     measured: dict[tuple[int, int], float] = {}
 
     def take(s: int, c: int) -> None:
-        if (s, c) not in measured and len(measured) < allowed:
+        if mask[s, c] and (s, c) not in measured and len(measured) < limit:
             measured[(s, c)] = float(measure(s, c))
 
     order = sorted(range(n_s), key=lambda s: _size(shapes[s]))
     anchors = [order[0], order[-1]] if n_s > 1 else order
-    per_anchor = max(2, min(n_c, int(anchor_share * n_c), allowed // (2 * max(len(anchors), 1))))
     for s in anchors:
-        for c in rng.permutation(n_c)[:per_anchor]:
-            take(s, int(c))
+        own = [int(c) for c in rng.permutation(n_c) if mask[s, c]]
+        # half the budget to the anchors when other shapes wait for the ranker, all otherwise
+        share = limit // (2 * len(anchors)) if n_s > len(anchors) else limit // len(anchors)
+        per_anchor = max(2, min(len(own), int(anchor_share * len(own)), share))
+        for c in own[:per_anchor]:
+            take(s, c)
     rest = [s for s in order if s not in anchors]
     # one measurement per shape held back for a last pass with the ranker fitted on all
-    reserve = len(rest) if allowed - len(measured) >= 3 * len(rest) else 0
+    reserve = len(rest) if limit - len(measured) >= 3 * len(rest) else 0
     tuned = list(anchors)
     for i, s in enumerate(rest):
-        room = (allowed - reserve - len(measured)) // (len(rest) - i)
+        room = (limit - reserve - len(measured)) // (len(rest) - i)
         if room <= 0:
             break
         scores = _ranked(shapes, configs, measured, features, s)
         # the nearest tuned sibling's winner first (FamilySeer's transfer), then the ranker
         near = min(tuned, key=lambda t: abs(math.log(_size(shapes[t]) / _size(shapes[s]))))
         sibling = min((c for (t, c) in measured if t == near), key=lambda c: measured[(near, c)])
-        picks = [sibling] + [int(c) for c in np.argsort(-scores) if int(c) != sibling]
+        picks = [c for c in [sibling] + [int(c) for c in np.argsort(-scores) if int(c) != sibling]
+                 if mask[s, c]]
         for c in picks[:room]:
             take(s, c)
         tuned.append(s)
     for s in rest if reserve else []:
         scores = _ranked(shapes, configs, measured, features, s)
-        nxt = next((int(c) for c in np.argsort(-scores) if (s, int(c)) not in measured), None)
+        nxt = next((int(c) for c in np.argsort(-scores)
+                    if mask[s, int(c)] and (s, int(c)) not in measured), None)
         if nxt is not None:
             take(s, nxt)
     return _result(n_s, measured)
@@ -126,13 +148,16 @@ def _ranked(shapes: Sequence[dict], configs: Sequence[dict], measured: dict, fea
 
 
 def independent_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measure, *,
-                     per_shape: int, seed: int = 0) -> TuneResult:
-    """``per_shape`` random configs measured on every shape, nothing shared."""
+                     per_shape: int, seed: int = 0, allowed: np.ndarray | None = None
+                     ) -> TuneResult:
+    """``per_shape`` random (allowed) configs measured on every shape, nothing shared."""
+    mask = _mask(len(shapes), len(configs), allowed)
     rng = np.random.default_rng(seed)
     measured = {}
     for s in range(len(shapes)):
-        for c in rng.permutation(len(configs))[:per_shape]:
-            measured[(s, int(c))] = float(measure(s, int(c)))
+        own = [int(c) for c in rng.permutation(len(configs)) if mask[s, c]]
+        for c in own[:per_shape]:
+            measured[(s, c)] = float(measure(s, c))
     return _result(len(shapes), measured)
 
 

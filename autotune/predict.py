@@ -7,6 +7,9 @@ expensive parts are shared across configs: plans depend only on the workload, th
 and dp; op-row predictions only on the plan, tp, pp, dtype and attention kernel (and are
 linear in the number of checkpointed layers, so every checkpointing policy costs one
 multiply-add). Each op family is predicted in one batched call for all configs at once.
+The fused loss and norm kernels are priced in time as the unfused ops (on this CPU their
+measured difference is within a step's noise); the fused loss's memory counts one chunk of
+logits instead of all of them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cost_models.step import (
     alpha_beta,
     family_seconds,
 )
+from kernels.linear_ce import workspace_bytes
 
 __all__ = ["StepPredictor", "complete_ceilings", "default_models", "prior_models"]
 
@@ -360,6 +364,11 @@ class StepPredictor:
         else:
             state = params * 4 * 4 / p.dp
             gathered = params * 4 if p.zero_stage < 3 else params * 4 * 2 / max(layers, 1)
+        loss_chunk = None
+        if rc.kernels.loss == "fused":
+            from kernels.tuned import DEFAULTS
+
+            loss_chunk = rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
         out = []
         for r in range(len(plans.steps[0])):
             # the heaviest step of this rank, as the measurement picks it
@@ -369,6 +378,10 @@ class StepPredictor:
                 continue
             act_t, pairs, widest, prefix, logit_t = u.T
             ones = np.ones(len(u))
+            # The loss's workspace scaled so that full logits count T x V x 8 bytes as ever
+            # (logits and their gradient; the fit's coefficient covers the rest), and the
+            # fused loss its chunk and gradients on the same scale.
+            logits = workspace_bytes(logit_t, dims.hidden, dims.vocab, loss_chunk, act_bytes) * 2 / 3
             out.append(np.column_stack([
                 state * ones, gathered * ones,
                 act_t * (layers - ckpt) * per_token_layer,
@@ -376,7 +389,7 @@ class StepPredictor:
                 widest * per_token_layer * (1.0 if ckpt else 0.0),
                 pairs * (dims.heads // tp) * (layers - ckpt + (1 if ckpt else 0)) * act_bytes,
                 prefix * layers * 2 * kv * act_bytes,
-                logit_t * dims.vocab * 4 * 2,
+                logits,
             ]))
         return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
 

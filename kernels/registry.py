@@ -30,9 +30,24 @@ class KernelSpec:
     make: Callable[[dict, torch.dtype, torch.Generator], tuple]
     run: Callable[[tuple, dict], None]
     features: Callable[[dict, dict], dict[str, float]]
+    # Bytes a config allocates at a shape (None: the unfused reference's), for the kernels
+    # whose point is memory; the tuner holds their picks to a memory cut against the reference.
+    workspace: Callable[[dict, dict | None, int], float] | None = None
 
     def configs(self) -> list[dict]:
         return configs(self.space())
+
+    def admissible(self, shape: dict, cfgs: list[dict], *, itemsize: int = 4,
+                   min_memory_cut: float = 1.0) -> list[bool]:
+        """Per config: does it cut the workspace at least ``min_memory_cut``-fold against
+        the reference? Where none does, the configs with the least workspace are admitted,
+        so every shape keeps a choice. Kernels without a workspace count admit everything."""
+        if self.workspace is None:
+            return [True] * len(cfgs)
+        ref = self.workspace(shape, None, itemsize)
+        need = [self.workspace(shape, c, itemsize) for c in cfgs]
+        ok = [ref / n >= min_memory_cut for n in need]
+        return ok if any(ok) else [n == min(need) for n in need]
 
 
 def _log2(v: float) -> float:
@@ -134,6 +149,13 @@ def _lce_run(inputs: tuple, cfg: dict) -> None:
     h.grad = w.grad = None
 
 
+def _lce_workspace(shape: dict, cfg: dict | None, itemsize: int) -> float:
+    from kernels.linear_ce import workspace_bytes
+
+    return workspace_bytes(shape["tokens"], shape["hidden"], shape["vocab"],
+                           None if cfg is None else cfg["chunk_tokens"], itemsize)
+
+
 def _lce_features(shape: dict, cfg: dict) -> dict[str, float]:
     out = _tiling(shape, cfg, (("tokens", "chunk_tokens"),))
     out["log2_chunk_logits_bytes"] = _log2(4 * min(cfg["chunk_tokens"], shape["tokens"]) * shape["vocab"])
@@ -188,7 +210,7 @@ KERNELS: dict[str, KernelSpec] = {
                           _rmsnorm_space, _rmsnorm_make, _rmsnorm_run, _rmsnorm_features),
     "linear_ce": KernelSpec("linear_ce", "loss", "kernels.linear_ce",
                             ("tokens", "hidden", "vocab"), _lce_space, _lce_make, _lce_run,
-                            _lce_features),
+                            _lce_features, _lce_workspace),
     "attention": KernelSpec("attention", "attention", "kernels.attention_blocked",
                             ("tokens", "max_len", "heads", "kv_heads", "head_dim"),
                             _attention_space, _attention_make, _attention_run,

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from autotune.kernel_tune import bench, family_tune, independent_tune
+from autotune.kernel_tune import bench, family_tune, independent_tune, measurement_limit
 
 SHAPES = [{"m": m, "n": n, "k": k} for m, n, k in
           [(256, 256, 256), (512, 256, 768), (1000, 512, 256), (1024, 1024, 1024),
@@ -67,6 +67,48 @@ def test_family_tuning_is_within_5_percent_everywhere_with_a_quarter_measured() 
     assert alone.n_measured == len(SHAPES) * (got.n_measured // len(SHAPES))
     assert all(len({c for (s2, c) in alone.measured if s2 == s}) == got.n_measured // len(SHAPES)
                for s in range(len(SHAPES)))
+
+
+def test_pairs_outside_the_allowed_mask_are_never_measured_nor_picked() -> None:
+    table = np.array([[cost(s, c) for c in CONFIGS] for s in SHAPES])
+    # forbid each shape's exhaustive best and a random third of the rest
+    rng = np.random.default_rng(1)
+    allowed = rng.uniform(size=table.shape) > 0.33
+    allowed[np.arange(len(SHAPES)), table.argmin(axis=1)] = False
+    calls: list[tuple[int, int]] = []
+
+    def measure(s: int, c: int) -> float:
+        calls.append((s, c))
+        return float(table[s, c])
+
+    got = family_tune(SHAPES, CONFIGS, measure, features=features, budget=0.25, allowed=allowed)
+    assert calls and all(allowed[s, c] for s, c in calls)
+    assert len(calls) <= measurement_limit(allowed, 0.25) < 0.25 * table.size
+    assert all(allowed[s, c] for s, c in enumerate(got.best))
+    best_allowed = np.where(allowed, table, np.inf).min(axis=1)
+    ratio = best_allowed / table[np.arange(len(SHAPES)), got.best]
+    assert (ratio >= 0.95).all(), ratio
+    alone = independent_tune(SHAPES, CONFIGS, lambda s, c: float(table[s, c]), per_shape=5,
+                             allowed=allowed)
+    assert all(allowed[s, c] for s, c in alone.measured)
+
+
+def test_linear_ce_admits_only_chunks_that_cut_memory_enough() -> None:
+    from kernels.linear_ce import workspace_bytes
+    from kernels.registry import KERNELS
+
+    spec = KERNELS["linear_ce"]
+    cfgs = spec.configs()
+    shape = {"tokens": 8192, "hidden": 512, "vocab": 32000}
+    ok = spec.admissible(shape, cfgs, min_memory_cut=4.0)
+    full = workspace_bytes(8192, 512, 32000)
+    assert ok == [full / workspace_bytes(8192, 512, 32000, c["chunk_tokens"]) >= 4.0 for c in cfgs]
+    assert [c["chunk_tokens"] for c, k in zip(cfgs, ok) if not k] == [8192]  # 2.8x only
+    # a shape where no chunk reaches the cut keeps the least-memory chunk(s) as its choice
+    tiny = {"tokens": 64, "hidden": 512, "vocab": 32000}
+    assert spec.admissible(tiny, cfgs, min_memory_cut=4.0) == [True] * len(cfgs)
+    assert all(KERNELS["matmul"].admissible({"m": 1, "k": 1, "n": 1}, KERNELS["matmul"].configs(),
+                                            min_memory_cut=100.0))
 
 
 def test_bench_takes_the_median_of_repeats() -> None:

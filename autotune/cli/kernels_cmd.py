@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tune only this kernel (repeatable; default every kernel)")
     t.add_argument("--budget", type=positive_float, default=0.25,
                    help="share of all (shape, config) pairs measured per kernel (default 0.25)")
+    t.add_argument("--min-memory-cut", type=positive_float, default=4.0,
+                   help="kernels whose point is memory (linear_ce) only try configs that cut "
+                        "their workspace at least this many times against the unfused op "
+                        "(default 4; 1 lets speed alone decide)")
     t.add_argument("--dtype", choices=("fp32", "bf16"), help="default: the config's dtype")
     t.add_argument("--cache", help="tuning cache file (default ~/.cache/autotune/kernels/<fingerprint>.json, "
                         "which the trainer reads)")
@@ -50,10 +54,11 @@ def _configs_of(workload_arg: str):  # noqa: ANN202
 
 
 def tune(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from autotune import __version__
-    from autotune.kernel_tune import bench, family_tune, workload_shapes
+    from autotune.kernel_tune import bench, family_tune, measurement_limit, workload_shapes
     from kernels.cache import CacheMismatch, TuningCache, shape_bucket
     from kernels.registry import KERNELS
     from kernels.tuned import default_cache_path
@@ -91,7 +96,10 @@ def tune(args: argparse.Namespace) -> int:
             continue
         cfgs = spec.configs()
         inputs: dict[int, tuple] = {}
-        bar = tqdm(total=int(args.budget * len(todo) * len(cfgs)) or 1, desc=f"tuning {name}",
+        itemsize = 2 if dtype == torch.bfloat16 else 4
+        allowed = np.array([spec.admissible(shape, cfgs, itemsize=itemsize,
+                                            min_memory_cut=args.min_memory_cut) for shape in todo])
+        bar = tqdm(total=measurement_limit(allowed, args.budget), desc=f"tuning {name}",
                    unit="pair", disable=None)
 
         def measure(s: int, c: int, spec=spec, todo=todo, cfgs=cfgs, inputs=inputs,  # noqa: ANN001
@@ -102,7 +110,8 @@ def tune(args: argparse.Namespace) -> int:
             bar.update()
             return bench(lambda: spec.run(inputs[s], cfgs[c]))
 
-        result = family_tune(todo, cfgs, measure, features=spec.features, budget=args.budget)
+        result = family_tune(todo, cfgs, measure, features=spec.features, budget=args.budget,
+                             allowed=allowed)
         bar.close()
         for s, shape in enumerate(todo):
             cache.put(name, shape, dtype_name, cfgs[result.best[s]], module=spec.module,

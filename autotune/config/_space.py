@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -45,7 +46,11 @@ class SearchSpace(BaseModel):
     micro_batch_size: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     zero_stage: list[int] = Field(default_factory=lambda: [0])
     checkpointing: list[str] = Field(default_factory=lambda: ["none", "selective", "full"])
-    attention: list[str] = Field(default_factory=lambda: ["sdpa"])
+    # Kernel choices (see KernelsConfig); a config of each comes from the tuning cache.
+    attention: list[Literal["sdpa", "eager", "blocked", "triton"]] = Field(
+        default_factory=lambda: ["sdpa"])
+    loss: list[Literal["full", "fused"]] = Field(default_factory=lambda: ["full"])
+    norm: list[Literal["torch", "fused"]] = Field(default_factory=lambda: ["torch"])
     dtype: list[str] = Field(default_factory=lambda: ["fp32"])
     # Parallel degrees to try; None: every degree the device count and the model allow.
     tp: list[PositiveInt] | None = None
@@ -66,7 +71,8 @@ class SearchSpace(BaseModel):
         checks = {
             "policy": s.policy, **{k: getattr(s, k) for k in self._policy_knobs(s.policy)},
             "checkpointing": rc.checkpointing.policy,
-            "attention": rc.kernels.attention, "dtype": rc.precision.dtype,
+            "attention": rc.kernels.attention, "loss": rc.kernels.loss,
+            "norm": rc.kernels.norm, "dtype": rc.precision.dtype,
         }
         for k in ("tp", "pp", "cp"):
             if getattr(self, k) is not None:
@@ -90,13 +96,15 @@ class SearchSpace(BaseModel):
                     # Without data parallelism there is nothing to shard: every stage is
                     # the same run, spelled once as stage 0.
                     zeros = self.zero_stage if layout[0] > 1 else [0]
-                    for zero, ckpt, attn, dtype in itertools.product(
-                            zeros, self.checkpointing, self.attention, self.dtype):
+                    for zero, ckpt, attn, loss, norm, dtype in itertools.product(
+                            zeros, self.checkpointing, self.attention, self.loss, self.norm,
+                            self.dtype):
                         data = {
                             "workload": workload, "schedule": sched,
                             "parallel": dict(zip(("dp", "tp", "pp", "cp"), layout, strict=True),
                                              zero_stage=zero),
-                            "checkpointing": {"policy": ckpt}, "kernels": {"attention": attn},
+                            "checkpointing": {"policy": ckpt},
+                            "kernels": {"attention": attn, "loss": loss, "norm": norm},
                             "precision": {"dtype": dtype},
                         }
                         try:

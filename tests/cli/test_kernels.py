@@ -54,3 +54,23 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["kernels", "tune", "--kernel", "rmsnorm", "--cache", str(foreign)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tuned on device another-device" in err
+
+
+def test_fused_loss_picks_keep_the_memory_cut(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """At vocabulary 4096 and 512-token micro-batches only 256-token chunks cut the loss's
+    workspace 4x (by hand: 3*512*4096*4 B against 256*4096*4 + (512*64 + 4096*64)*4 B, 4.7x;
+    512 tokens give 2.6x), so every tuned shape of 257 tokens and more gets chunk 256."""
+    rc = {**RC, "workload": {**RC["workload"], "model": {**RC["workload"]["model"], "vocab": 4096}},
+          "kernels": {"loss": "fused"}}
+    rc_path = tmp_path / "rc.yaml"
+    rc_path.write_text(yaml.safe_dump(rc))
+    assert main(["kernels", "tune", "--workload", str(rc_path), "--kernel", "linear_ce",
+                 "--cache", str(tmp_path / "k.json"), "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)["kernels"]["linear_ce"]["tuned"]
+    big = [t for t in tuned if t["shape"]["tokens"] >= 512]
+    assert big and all(t["config"] == {"chunk_tokens": 256} for t in big)
+    spec = KERNELS["linear_ce"]
+    cfgs = spec.configs()
+    for t in tuned:  # the whole space's admissible set, so a lone config cannot pass by default
+        ok = spec.admissible(t["shape"], cfgs, min_memory_cut=4.0)
+        assert ok[cfgs.index(t["config"])], t

@@ -203,3 +203,17 @@ def test_examples_in_the_readme_are_valid(path: Path) -> None:
 def test_example_spaces_are_valid(path: Path) -> None:
     space = load_yaml(SearchSpace, path)
     assert list(space.grid(Workload()))  # at least one candidate
+
+
+def test_kernel_choices_are_knobs_of_the_space() -> None:
+    wl = Workload.model_validate({"hardware": {"devices_per_node": 1}})
+    one = SearchSpace(policy=["pack"], micro_batch_tokens=[1024], checkpointing=["none"])
+    both = one.model_copy(update={"loss": ["full", "fused"], "norm": ["torch", "fused"]})
+    grid = list(both.grid(wl))
+    assert len(grid) == 4 * len(list(one.grid(wl)))
+    assert {(rc.kernels.loss, rc.kernels.norm) for rc in grid} == {
+        ("full", "torch"), ("full", "fused"), ("fused", "torch"), ("fused", "fused")}
+    fused = next(rc for rc in grid if rc.kernels.loss == "fused")
+    assert "loss='fused' is not among the choices ['full']" in one.violations(fused)
+    with pytest.raises(ValueError, match="loss"):
+        SearchSpace(loss=["chunked"])

@@ -184,3 +184,25 @@ def test_models_round_trip_and_refuse_another_machine(tmp_path: Path) -> None:
         StepModels.load(tmp_path, "fp")
     with pytest.raises(ModelMismatch, match="run `autotune fit"):
         StepModels.load(tmp_path / "nothing", "fp")
+
+
+def test_fused_loss_prices_the_same_time_and_one_chunk_of_logits() -> None:
+    """The fused loss's memory counts one chunk of float32 logits and the two gradients, on
+    the scale where full logits count T x V x 8 bytes; its time is the unfused loss's."""
+    dims = {**DIMS, "vocab": 4096}
+    base = {"workload": {"model": dims, "data": DATA, "budget": {"global_batch_tokens": 1024}},
+            "schedule": {"policy": "pack", "micro_batch_tokens": 512}}
+    full = RunConfig.model_validate(base)
+    fused = RunConfig.model_validate(
+        base | {"kernels": {"loss": "fused", "configs": {"linear_ce": {"chunk_tokens": 128}}}})
+    pred = StepPredictor(_models())
+    comp, units = pred.compose([full, fused])
+    frame = StepPredictor.unit_frame(units)
+    t = frame[frame.config == 0].logits.to_numpy() / (4096 * 8)  # each unit's tokens
+    assert t.min() > 128  # the chunk is smaller than every unit: the cut shows
+    h = dims["hidden"]
+    by_hand = (np.minimum(t, 128) * 4096 * 4 + (t * h + 4096 * h) * 4) * 2 / 3
+    np.testing.assert_allclose(frame[frame.config == 1].logits.to_numpy(), by_hand, rtol=1e-12)
+    np.testing.assert_allclose(comp.composed_step_s[0], comp.composed_step_s[1], rtol=1e-12)
+    peaks = pred.predict_many([full, fused]).peak_mem_bytes
+    assert peaks[1] < peaks[0]

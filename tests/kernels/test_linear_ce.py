@@ -8,6 +8,7 @@ float32 logits (both return bf16-rounded gradients).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -125,6 +126,23 @@ def test_peak_memory_is_one_chunk_not_the_full_logits() -> None:
     # One float32 chunk of logits, the two gradients, and per-row vectors (a few KiB).
     bound = 4 * (chunk * v + v * h + n * h) + 64 * 1024
     assert mt.peak_bytes - mt.baseline_bytes < bound < 4 * n * v
+
+
+@pytest.mark.parametrize("chunk", [None, 32, 128, 512])
+def test_workspace_count_matches_the_tracked_peak(chunk: int | None) -> None:
+    """The tuner's memory cut rests on ``workspace_bytes``: within 2% (plus 64 KiB of per-row
+    vectors) of what the tracker sees, for the reference (None) and for fused chunks."""
+    from kernels.linear_ce import workspace_bytes
+    from profilers.memory import TensorMemoryTracker
+
+    n, v, h = 512, 3000, 16
+    hidden, weight, targets = _inputs(n, v, h, torch.float32, seed=7)
+    fn = (linear_cross_entropy_reference if chunk is None
+          else functools.partial(linear_cross_entropy, chunk_tokens=chunk))
+    with TensorMemoryTracker(existing=[hidden, weight, targets]) as mt:
+        torch.autograd.grad(fn(hidden, weight, targets), (hidden, weight))
+    got, want = mt.peak_bytes - mt.baseline_bytes, workspace_bytes(n, h, v, chunk)
+    assert abs(got - want) <= 0.02 * want + 64 * 1024, (got, want)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -19,7 +19,7 @@ from autotune.data.sequences import (
 )
 from autotune.errors import UserError
 
-__all__ = ["Dataset", "load_dataset"]
+__all__ = ["Dataset", "load_dataset", "load_eval_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,11 @@ class Dataset:
         return int(self.lengths.max())
 
 
-def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    lengths_seq, tokens_seq = np.random.SeedSequence(seed).spawn(2)
+def _rngs(seed: int, *, held_out: bool = False) -> tuple[np.random.Generator, np.random.Generator]:
+    # Children 0-1 draw the training data, 2-3 the held-out data: independent streams of
+    # the same seed, so the evaluation set never repeats a training sequence's draws.
+    children = np.random.SeedSequence(seed).spawn(4)
+    lengths_seq, tokens_seq = children[2:] if held_out else children[:2]
     return np.random.default_rng(lengths_seq), np.random.default_rng(tokens_seq)
 
 
@@ -87,3 +90,16 @@ def load_dataset(spec: DataSpec, dims: ModelDims) -> Dataset:
     lengths = _PRESET_LENGTHS[spec.preset](spec.num_sequences, spec.max_len, length_rng)
     seqs, floor = MarkovSource(dims.vocab, spec.seed).sample(lengths, token_rng)
     return Dataset(seqs, f"preset:{spec.preset}", floor)
+
+
+def load_eval_dataset(spec: DataSpec, dims: ModelDims, num_sequences: int) -> Dataset:
+    """Held-out sequences from the training data's own source: the same length distribution
+    and the same token chain (so the model can learn what it is judged on), other draws.
+    Synthetic presets only: a user file has no source to draw more sequences from."""
+    if spec.path is not None:
+        raise UserError(f"{spec.path}: an evaluation set is drawn from a synthetic preset's "
+                        "source; a quality target needs a workload with data.preset")
+    length_rng, token_rng = _rngs(spec.seed, held_out=True)
+    lengths = _PRESET_LENGTHS[spec.preset](num_sequences, spec.max_len, length_rng)
+    seqs, floor = MarkovSource(dims.vocab, spec.seed).sample(lengths, token_rng)
+    return Dataset(seqs, f"preset:{spec.preset} (held out)", floor)

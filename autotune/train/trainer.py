@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from autotune.config import RunConfig
 from autotune.data import (
     Dataset,
     MicroBatch,
+    Segment,
+    SequenceSet,
     StepPlan,
     global_batches,
     load_dataset,
@@ -26,7 +29,7 @@ from autotune.train.flops import model_flops
 from autotune.train.model import Decoder
 from autotune.train.parallelize import parallelize
 from autotune.train.pipeline import PipelineRunner, StageModule
-from autotune.train.step import StepExecutor
+from autotune.train.step import StepExecutor, materialize
 
 __all__ = ["StepResult", "Trainer", "clip_grad_norm"]
 
@@ -207,6 +210,32 @@ class Trainer:
         t = torch.tensor([local if counts else 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item())
+
+    @torch.no_grad()
+    def evaluate(self, seqs: SequenceSet, *, micro_batch_tokens: int = 4096) -> float:
+        """Token-mean cross-entropy on ``seqs`` (a held-out set), the same on every rank:
+        each rank runs every micro-batch, so sharded and tensor-parallel layers always meet
+        their peers and no rank's share decides the figure. The set is small next to
+        training, so the repeated work is cheap; packing is the same for every config, so
+        configs are judged alike."""
+        if self.pipeline is not None:
+            raise UserError("evaluation under pipeline parallelism is not supported; "
+                            "measure the config with pp=1")
+        units: list[list[Segment]] = [[]]
+        for i, n in enumerate(seqs.lengths.tolist()):
+            if units[-1] and sum(s.padded for s in units[-1]) + n > micro_batch_tokens:
+                units.append([])
+            units[-1].append(Segment(i, 0, n, n))
+        ids = np.arange(len(seqs))
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if self.rc.precision.dtype == "bf16" else contextlib.nullcontext())
+        total = 0.0
+        with autocast:
+            for segments in units:
+                loss_sum, _ = self.model(materialize(MicroBatch(tuple(segments)), seqs, ids,
+                                                     self.device))
+                total += float(loss_sum)
+        return total / int((seqs.lengths - 1).sum())
 
     def step(self, batch_ids: np.ndarray | None = None) -> StepResult:
         """One optimizer step on the next global batch, or on ``batch_ids`` (a replay that

@@ -1,4 +1,5 @@
-"""Shared fixtures. GPU tests carry the ``gpu`` marker and are skipped without CUDA."""
+"""Shared fixtures. GPU tests carry the ``gpu`` marker and are skipped without CUDA; ``slow``
+tests run only under ``-m slow``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from profilers.store import ProfileStore
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Slow tests (minutes: whole benchmark suites) run only when asked for with -m slow, so
+    # `make test` stays within its few minutes.
+    if "slow" not in (config.getoption("markexpr") or ""):
+        slow = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(slow)
     try:
         import torch
 

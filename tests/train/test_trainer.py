@@ -74,7 +74,8 @@ def test_tunable_kernels_train_the_same_function() -> None:
 def test_evaluation_is_the_token_mean_loss_on_held_out_sequences() -> None:
     """``evaluate`` packs the held-out set into micro-batches; the reference runs every
     sequence alone through the model and averages by hand. The held-out draws are not the
-    training draws, and they come from the same chain (the same entropy floor, to 5%: 40 sequences are a small sample)."""
+    training draws, and they come from the same chain (the same entropy floor, to 5%: 40
+    sequences are a small sample)."""
     import torch
 
     from autotune.data import MicroBatch, Segment, load_eval_dataset

@@ -264,8 +264,12 @@ def _one_run(suite: Suite, rc: RunConfig, run_dir: Path, name: str, index: int) 
     proc = run_isolated(argv, timeout_s=timeout, mem_cap_bytes=None, log_path=run_dir / "log.txt",
                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, poll_s=0.2)
     result_path = run_dir / "result.json"
-    if proc.status is Status.COMPLETE and result_path.is_file():
+    if result_path.is_file():
+        # Rank 0 writes the result after run_stop: a rank dying later, in teardown, does not
+        # undo a run that reached its end; it is recorded beside the result.
         result = json.loads(result_path.read_text())
+        if proc.status is not Status.COMPLETE:
+            result["teardown_error"] = f"{proc.status.value}: {proc.reason}"
     else:
         reason = proc.reason or "the run exited without writing its result"
         result = {"status": "failed", "reason": f"{proc.status.value}: {reason}",

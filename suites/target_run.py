@@ -9,6 +9,8 @@ Under torchrun for several ranks (``autotune bench`` starts it). Rank 0 writes
 the score runs from ``run_start`` to ``run_stop`` as MLPerf's does: evaluation is inside it,
 start-up (model build, data load, process launch) before it. Whether to stop is rank 0's
 decision, broadcast, so that ranks whose clocks disagree never part ways mid-collective.
+The limit is checked between optimizer steps (a step is never cut short), so a run with
+slow steps stops up to one step past it, then is evaluated once more.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def train_to_target(rc: RunConfig, ctx: ParallelContext, *, target: float, time_
         micro.append(r.micro_batches)
         train.append({"wall_s": time.perf_counter() - start, "step": steps, "loss": r.loss})
         verdict = 0
-        if steps % eval_every == 0 or (max_steps is not None and steps >= max_steps):
+        out_of_time = (time.perf_counter() - start >= time_limit_s
+                       or (max_steps is not None and steps >= max_steps))
+        # A run stopped by its limit is evaluated once more, so its log and result say what
+        # quality it reached, not the quality of its last scheduled evaluation.
+        if steps % eval_every == 0 or _agree(ctx, int(out_of_time)):
             mll.block_stop(samples_count=samples)
             mll.eval_start(samples_count=samples)
             loss = trainer.evaluate(held_out.sequences)
@@ -101,8 +107,7 @@ def train_to_target(rc: RunConfig, ctx: ParallelContext, *, target: float, time_
                           "samples": samples, "eval_loss": loss})
             log.info("step %d samples %d eval loss %.4f (target %.4f)", steps, samples, loss, target)
             verdict = 1 if loss <= target else 0
-        if not verdict and (time.perf_counter() - start >= time_limit_s
-                            or (max_steps is not None and steps >= max_steps)):
+        if not verdict and out_of_time:
             verdict = 2
         verdict = _agree(ctx, verdict)
         if verdict:
@@ -119,8 +124,8 @@ def train_to_target(rc: RunConfig, ctx: ParallelContext, *, target: float, time_
     ceiling = matmul_ceiling(rc.precision.dtype, rc.workload.hardware.device)
     mfu = flops / train_s / (ceiling.flops_per_s * ctx.world) if train_s else None
     return {"status": status, "reason": None if status == SUCCESS else
-            f"eval loss {evals[-1]['eval_loss'] if evals else float('nan'):.4f} above the target "
-            f"{target} when the time limit of {time_limit_s:g} s passed",
+            f"eval loss {evals[-1]['eval_loss']:.4f} after {steps} steps, above the target "
+            f"{target}, when the time limit of {time_limit_s:g} s passed",
             "time_to_train_s": time_to_train, "wall_s": time_to_train, "train_samples": samples,
             "tokens": tokens, "tokens_per_s": tokens / train_s if train_s else None,
             "mfu": mfu, "mfu_source": f"model FLOPs over the measured {ceiling.dtype} matmul "
@@ -171,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                                  eval_sequences=args.eval_sequences, max_steps=args.max_steps)
         if result is not None:
             atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+        if ctx.distributed:
+            # Peers that tear down while rank 0 still writes have aborted in gloo's teardown
+            # ("terminate called without an active exception") and taken rank 0 with them.
+            torch.distributed.barrier()
     finally:
         shutdown_parallel(ctx)
     return 0

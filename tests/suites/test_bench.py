@@ -108,6 +108,8 @@ def test_unreachable_target_stops_at_the_time_limit_aborted(tmp_path: Path,
     r = json.loads((out / "runs" / "pack-bfd" / "1" / "result.json").read_text())
     assert r["status"] == "aborted" and "time limit" in r["reason"] and r["compliance"]["ok"]
     assert 3.0 <= r["time_to_train_s"] < 30
+    # evaluated once more where it stopped: the reason names the quality it reached
+    assert r["eval"][-1]["step"] == r["steps"] and f"{r['eval'][-1]['eval_loss']:.4f}" in r["reason"]
     stop = [e for e in parse_log(out / "runs" / "pack-bfd" / "1" / "mlperf.log")
             if e["key"] == "run_stop"][0]
     assert stop["metadata"]["status"] == "aborted"

@@ -162,3 +162,33 @@ def test_smoke_suite_logs_all_pass_the_checker(tmp_path: Path) -> None:
     for log in logs:
         ok, output = check_log(log)
         assert ok, output
+
+
+@pytest.mark.parametrize(("writes_result", "status"), [(True, "success"), (False, "failed")])
+def test_a_rank_dying_in_teardown_after_the_result_keeps_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes_result: bool, status: str) -> None:
+    """A process tree that exits non-zero after rank 0 wrote its result and a compliant log
+    keeps the run (the crash recorded beside it); without a result the run failed."""
+    import suites.bench as bench
+    import suites.mlperf
+    from profilers.isolation import IsolatedRun
+    from profilers.records import Status
+
+    suite, _ = load_suite(str(_suite(tmp_path)))
+    rc = contender_config("pack-bfd", suite.workload, seed=1)
+    run_dir = tmp_path / "run"
+
+    def fake_run(argv: list[str], **kwargs: object) -> IsolatedRun:
+        if writes_result:
+            (run_dir / "result.json").write_text(json.dumps(
+                {"status": "success", "reason": None, "time_to_train_s": 12.5}))
+            (run_dir / "mlperf.log").write_text("")
+        return IsolatedRun(Status.CRASHED, -6, 1.0, 0, "signal 6 (SIGABRT)", "terminate called")
+
+    monkeypatch.setattr(bench, "run_isolated", fake_run)
+    monkeypatch.setattr(suites.mlperf, "check_log", lambda path: (True, "SUCCESS"))
+    r = bench._one_run(suite, rc, run_dir, "pack-bfd", 1)
+    assert r["status"] == status and r["contender"] == "pack-bfd" and r["run"] == 1
+    if writes_result:
+        assert r["time_to_train_s"] == 12.5 and "SIGABRT" in r["teardown_error"]
+    assert json.loads((run_dir / "result.json").read_text())["status"] == status

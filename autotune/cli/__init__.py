@@ -26,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
 def _build() -> argparse.ArgumentParser:
     from autotune.cli import (
         bench_cmd,
+        export_cmd,
         fit_cmd,
+        import_cmd,
         kernels_cmd,
         measure_cmd,
         predict_cmd,
@@ -41,7 +43,7 @@ def _build() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (run_cmd, train_cmd, measure_cmd, profile_cmd, trace_cmd, fit_cmd,
-                   predict_cmd, kernels_cmd, bench_cmd, report_cmd):
+                   predict_cmd, kernels_cmd, bench_cmd, report_cmd, export_cmd, import_cmd):
         module.register(sub)
     return parser
 

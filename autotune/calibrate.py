@@ -55,7 +55,16 @@ def load_measurements(paths: Iterable[str | Path], scale_drift: bool = True) -> 
     rows = []
     for path in map(Path, paths):
         if path.is_file() and path.suffix == ".parquet":
-            table = pd.read_parquet(path)
+            try:
+                table = pd.read_parquet(path)
+            except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+                raise UserError(f"{path}: not a readable parquet file "
+                                f"({type(exc).__name__})") from None
+            missing = {"config_json", "measurement_json"} - set(table.columns)
+            if missing:
+                raise UserError(f"{path}: not a measurements table (no column "
+                                f"{', '.join(sorted(missing))}); write one with "
+                                f"suites.step_dataset")
             for rec in table.itertuples():
                 rows.append(_record(rec.config_json, json.loads(rec.measurement_json), str(path),
                                     scale_drift))

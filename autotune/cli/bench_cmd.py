@@ -27,8 +27,11 @@ def _fmt(v: float | None, spec: str, none: str = "-") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autotune.rundir import validate_name
     from suites.bench import load_suite, run_suite
 
+    if args.out:  # before any work: '..' would spread the runs into the parent folder
+        validate_name(Path(args.out).name, "bench directory name")
     suite, base = load_suite(args.suite)
     if args.runs:
         suite = suite.model_copy(update={"runs": args.runs})

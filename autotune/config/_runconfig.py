@@ -17,6 +17,9 @@ __all__ = [
 Policy = Literal["pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull"]
 POLICIES: tuple[str, ...] = ("pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull")
 PADDED_POLICIES = frozenset({"pad-max", "pad-batch", "sorted"})
+# Far past what one device holds activations for at these model sizes: a larger value is a
+# typo (10**12), refused here instead of reaching the packer.
+MAX_MICRO_BATCH_TOKENS = 2**24
 
 
 class ScheduleConfig(BaseModel):
@@ -33,7 +36,7 @@ class ScheduleConfig(BaseModel):
     policy: Policy = "chunkflow"
     chunk_size: PositiveInt = 512
     chunkflow_k: PositiveInt = 1
-    micro_batch_tokens: PositiveInt = 512
+    micro_batch_tokens: PositiveInt = Field(512, le=MAX_MICRO_BATCH_TOKENS)
     micro_batch_size: PositiveInt = 8
     rank_split: Literal["auto", "balanced", "arrival"] = Field(
         "auto", description="how a global batch is shared among data-parallel ranks: by "

@@ -11,6 +11,9 @@ from autotune.config._model import ModelSpec
 __all__ = ["DATA_PRESETS", "BudgetSpec", "DataSpec", "HardwareSpec", "Workload"]
 
 DATA_PRESETS = ("longsft", "bimodal")
+# A synthetic preset holds every sequence in memory: past this it cannot be drawn on any
+# machine, so 10**10 is refused here instead of failing to allocate.
+MAX_SEQUENCES = 10**7
 
 
 class DataSpec(BaseModel):
@@ -20,7 +23,7 @@ class DataSpec(BaseModel):
 
     preset: str | None = None
     path: str | None = None
-    num_sequences: PositiveInt = 512
+    num_sequences: PositiveInt = Field(512, le=MAX_SEQUENCES)
     max_len: PositiveInt = 2048
     seed: NonNegativeInt = 0
 

@@ -52,6 +52,10 @@ def _rngs(seed: int, *, held_out: bool = False) -> tuple[np.random.Generator, np
 def _from_file(spec: DataSpec, dims: ModelDims) -> Dataset:
     path = Path(spec.path)
     records = read_records(path)
+    negative = np.flatnonzero(records.lengths < 0)
+    if negative.size:  # a corrupt file, not a short sequence to drop
+        i = int(negative[0])
+        raise UserError(f"{path}: {records.where[i]}: negative length {records.lengths[i]}")
     keep = records.lengths >= MIN_LEN
     if not keep.any():
         raise UserError(f"{path}: no sequences of at least {MIN_LEN} tokens (empty data)")

@@ -90,7 +90,7 @@ def _read_parquet(path: Path) -> RawRecords:
 def _read_npy(path: Path) -> RawRecords:
     try:
         arr = np.load(path, allow_pickle=False)  # never unpickle user files
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: a file of zero bytes
         raise UserError(f"{path}: not a readable .npy array of lengths ({exc})") from None
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise UserError(f"{path}: expected a 1-D integer array of lengths, "

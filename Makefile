@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean browser
+.PHONY: run test bench clean browser postgres
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ browser:
 			--no-install-recommends chromium chromium-driver >/dev/null; }; \
 		get 2>/dev/null || { apt-get update -qq && get; }; fi
 
+# tests/scaleout start a throwaway PostgreSQL server on loopback (initdb into a temporary
+# folder) for the workers' shared study: Debian's postgresql, installed like chromium above;
+# elsewhere those tests skip and say why. The server binaries live in
+# /usr/lib/postgresql/<version>/bin, which the tests find without PATH.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null && \
+	    command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing postgresql for the scale-out tests (apt-get)"; \
+		get() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql >/dev/null; }; \
+		get 2>/dev/null || { apt-get update -qq && get; }; fi
+
 # pytest exits 5 when it collects nothing: a broken test tree, never a pass.
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status

@@ -32,7 +32,7 @@ from cost_models.bundle import StepModels
 from cost_models.step import MemoryModel, ResidualModel
 from profilers.records import Measurement, Status
 
-__all__ = ["ReplaySource", "Trial", "TrialLog", "config_key", "guided_search"]
+__all__ = ["Ranker", "ReplaySource", "Trial", "TrialLog", "config_key", "guided_search"]
 
 
 def config_key(rc: RunConfig) -> str:
@@ -137,25 +137,29 @@ def _measured_table(trials: Sequence[Trial], index: dict[str, int]) -> pd.DataFr
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def guided_search(candidates: Sequence[RunConfig], models: StepModels,
-                  source: Callable[[RunConfig, int], Measurement], *, budget: int,
-                  batch: int = 3, margin: float = 0.1, done: Sequence[Trial] = (),
-                  on_trial: Callable[[Trial], None] | None = None,
-                  warmup: int = 1, steps: int = 3, deadline: float | None = None) -> list[Trial]:
-    """Measure up to ``budget`` candidates (counting ``done``), best predicted first, each
-    round re-ranked by a calibration refitted on every measurement so far; no measurement
-    starts after ``deadline`` (``time.monotonic()``)."""
-    if not candidates:
-        raise UserError("the search space holds no valid candidate for this workload")
-    predictor = StepPredictor(models, warmup=warmup, steps=steps)
-    comp, unit_arrays = predictor.compose(list(candidates))
-    units = StepPredictor.unit_frame(unit_arrays)
-    index = {config_key(rc): i for i, rc in enumerate(candidates)}
-    cap = np.array([rc.workload.budget.memory_cap_gb * 2**30 for rc in candidates])
-    trials = list(done)
-    tried = {config_key(t.rc) for t in trials}
-    while len(trials) < budget and (deadline is None or time.monotonic() < deadline):
-        table = _measured_table(trials, index)
+class Ranker:
+    """The search's ranking: every candidate priced by the step model, recalibrated on the
+    measurements so far; ``picks`` are the untried candidates that fit the memory cap with
+    ``margin`` to spare, best predicted first. Shared by ``guided_search`` and the scale-out
+    workers (``autotune.scaleout``), so both measure in the same order."""
+
+    def __init__(self, candidates: Sequence[RunConfig], models: StepModels, *,
+                 warmup: int = 1, steps: int = 3, margin: float = 0.1) -> None:
+        if not candidates:
+            raise UserError("the search space holds no valid candidate for this workload")
+        self.candidates, self.models, self.margin = list(candidates), models, margin
+        predictor = StepPredictor(models, warmup=warmup, steps=steps)
+        self.comp, unit_arrays = predictor.compose(self.candidates)
+        self.units = StepPredictor.unit_frame(unit_arrays)
+        self.index = {config_key(rc): i for i, rc in enumerate(self.candidates)}
+        self.cap = np.array([rc.workload.budget.memory_cap_gb * 2**30 for rc in self.candidates])
+
+    def picks(self, trials: Sequence[Trial], exclude: Iterable[str] = ()
+              ) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Candidate positions to measure next, best first, none tried in ``trials`` nor
+        in ``exclude`` (config keys); with every candidate's predicted tokens/s and peak."""
+        models, comp, units = self.models, self.comp, self.units
+        table = _measured_table(trials, self.index)
         residual, memory = models.residual, models.memory
         if len(table) >= ResidualModel.MIN_LINEAR:
             sel = table.index.to_numpy()
@@ -166,10 +170,26 @@ def guided_search(candidates: Sequence[RunConfig], models: StepModels,
                                          table.peak_mem_bytes[mem_ok], models.fingerprint)
         step_s = residual.predict(comp)
         tokens = comp.tokens_per_step.to_numpy() / step_s
-        peak = memory.peak(units).reindex(range(len(candidates))).to_numpy()
-        order = np.argsort(-tokens)
-        fits = peak <= cap * (1 - margin)
-        picks = [int(i) for i in order if fits[i] and config_key(candidates[i]) not in tried]
+        peak = memory.peak(units).reindex(range(len(self.candidates))).to_numpy()
+        fits = peak <= self.cap * (1 - self.margin)
+        skip = {config_key(t.rc) for t in trials} | set(exclude)
+        order = [int(i) for i in np.argsort(-tokens)
+                 if fits[i] and config_key(self.candidates[i]) not in skip]
+        return order, tokens, peak
+
+
+def guided_search(candidates: Sequence[RunConfig], models: StepModels,
+                  source: Callable[[RunConfig, int], Measurement], *, budget: int,
+                  batch: int = 3, margin: float = 0.1, done: Sequence[Trial] = (),
+                  on_trial: Callable[[Trial], None] | None = None,
+                  warmup: int = 1, steps: int = 3, deadline: float | None = None) -> list[Trial]:
+    """Measure up to ``budget`` candidates (counting ``done``), best predicted first, each
+    round re-ranked by a calibration refitted on every measurement so far; no measurement
+    starts after ``deadline`` (``time.monotonic()``)."""
+    ranker = Ranker(candidates, models, warmup=warmup, steps=steps, margin=margin)
+    trials = list(done)
+    while len(trials) < budget and (deadline is None or time.monotonic() < deadline):
+        picks, tokens, peak = ranker.picks(trials)
         if not picks:
             break
         for i in picks[:min(batch, budget - len(trials))]:
@@ -178,7 +198,6 @@ def guided_search(candidates: Sequence[RunConfig], models: StepModels,
             rc = candidates[i]
             trial = Trial(len(trials), rc, source(rc, len(trials)), float(tokens[i]), float(peak[i]))
             trials.append(trial)
-            tried.add(config_key(rc))
             if on_trial is not None:
                 on_trial(trial)
     return trials

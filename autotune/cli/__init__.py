@@ -37,13 +37,15 @@ def _build() -> argparse.ArgumentParser:
         run_cmd,
         trace_cmd,
         train_cmd,
+        worker_cmd,
     )
 
     parser = _Parser(prog="autotune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (run_cmd, train_cmd, measure_cmd, profile_cmd, trace_cmd, fit_cmd,
-                   predict_cmd, kernels_cmd, bench_cmd, report_cmd, export_cmd, import_cmd):
+                   predict_cmd, kernels_cmd, bench_cmd, report_cmd, export_cmd, import_cmd,
+                   worker_cmd):
         module.register(sub)
     return parser
 

@@ -171,6 +171,9 @@ def test_other_signal_is_crashed(tmp_path: Path) -> None:
 
 
 def test_keyboard_interrupt_kills_child_and_propagates(tmp_path: Path) -> None:
+    # Python's Ctrl-C handler, which a shell's background job (`cmd &` without job control)
+    # starts without: SIGINT is ignored there, and no KeyboardInterrupt would ever come.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     pid_file = tmp_path / "pid"
     code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     interrupt = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
@@ -180,6 +183,7 @@ def test_keyboard_interrupt_kills_child_and_propagates(tmp_path: Path) -> None:
             run_isolated(_py(code), timeout_s=30, mem_cap_bytes=None, log_path=tmp_path / "t.log")
     finally:
         interrupt.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert not psutil.pid_exists(int(pid_file.read_text()))
 
 

@@ -54,9 +54,12 @@ def worker(args: argparse.Namespace) -> int:
     from autotune.cli.run_cmd import _candidates, _space, _workload
     from autotune.measure import measure
     from autotune.portfolio import baseline_configs
+    from autotune.rundir import validate_name
     from autotune.scaleout import SharedStudy, next_pick, work
     from autotune.search import Ranker, ReplaySource
 
+    # Study names reach the storage's tables and the reports' folder names alike.
+    validate_name(args.study, "study name")
     wl, user_rc = _workload(args)
     source = ReplaySource(args.replay) if args.replay else None
     # Before the models and the space: a storage out of reach is refused at once.

@@ -10,6 +10,7 @@ run        wrong type in a --workload file (layers: "two")
 run        --storage postgresql:// on a port nothing listens on
 run        --storage sqlite:// in a folder that does not exist
 run        --out whose last part is '..' (path traversal)
+worker     --study with a path in it (../x)
 run        --resume of a folder that is not a run
 run        --steps -1
 run        --space file with an unknown knob
@@ -166,6 +167,8 @@ CASES: dict[str, tuple[list[str], dict[str, str | bytes], str]] = {
         "--storage sqlite:////nonexistent/dir/x.db: cannot open the study"),
     "run/out traversal": (["run", "--workload", "{tmp}/w.yaml", "--out", "{tmp}/a/.."],
                           {"w.yaml": _wl()}, "run name '..' must be"),
+    "worker/study traversal": (["worker", "--storage", "sqlite:///{tmp}/s.db", "--study", "../x"],
+                               {}, "study name '../x' must be"),
     "run/resume not a run": (["run", "--workload", "{tmp}/w.yaml", "--resume", "{tmp}"],
                              {"w.yaml": _wl()}, "not a run directory"),
     "run/steps -1": (["run", "--steps", "-1"], {}, "expected a positive integer, got -1"),

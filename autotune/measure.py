@@ -62,10 +62,14 @@ def measure(rc: RunConfig, *, steps: int = 5, warmup: int = 1,
         cap = int(rc.workload.budget.memory_cap_gb * 2**30 * launch.nproc) if kind == "cpu" else None
         run = run_isolated(argv, timeout_s=timeout_s, mem_cap_bytes=cap, log_path=log_path,
                            env={**os.environ, **(env or {})}, poll_s=0.2)
-        if out.is_file() and run.status is Status.COMPLETE:
+        if out.is_file():
+            # Rank 0 writes the measurement after every timed step: a rank dying later, in
+            # teardown, does not undo it; the crash is kept beside it.
             m = Measurement.model_validate_json(out.read_text())
             m.peak_rss_bytes = max(m.peak_rss_bytes or 0, run.peak_rss_bytes) or None
-            if m.status is not Status.COMPLETE:
+            if run.status is not Status.COMPLETE:
+                m.extra["teardown_error"] = f"{run.status.value}: {run.reason}"
+            if m.status is not Status.COMPLETE or run.status is not Status.COMPLETE:
                 m.log_tail = run.log_tail
             return m
         status, reason = run.status, run.reason

@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(Path(args.out), json.dumps(summary, indent=2))
             if args.dump_params:
                 dump_params(trainer, Path(args.dump_params), ctx)
+        if ctx.distributed:
+            # Peers that tear down while rank 0 still writes have aborted in gloo's teardown
+            # ("terminate called without an active exception") and taken rank 0 with them.
+            torch.distributed.barrier()
     except Exception as exc:
         # A single process reports its own OOM; among many ranks the others would wait for
         # it forever, so the failure propagates and the launcher tears the group down.

@@ -76,3 +76,25 @@ def test_measure_cli_json_has_the_contract_keys(tmp_path: Path, capsys) -> None:
                 "mfu", "model_tflops_per_step"):
         assert out[key] is not None, key
     assert out["status"] == "COMPLETE"
+
+
+def test_a_rank_dying_in_teardown_after_the_result_keeps_the_measurement(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process tree exits on a signal after rank 0 wrote its measurement: the
+    measurement stands, with the crash kept beside it."""
+    import autotune.measure as am
+    from profilers.isolation import IsolatedRun
+    from profilers.records import Measurement
+
+    rc = _rc()
+    written = Measurement(status=Status.COMPLETE, tokens_per_s=123.0, step_times_s=[1.0],
+                          warmup_steps=1, timed_steps=1)
+
+    def fake(argv: list[str], **kwargs: object) -> IsolatedRun:
+        Path(argv[argv.index("--out") + 1]).write_text(written.model_dump_json())
+        return IsolatedRun(Status.CRASHED, -6, 1.0, 0, "killed by signal 6 (SIGABRT)", "terminate")
+
+    monkeypatch.setattr(am, "run_isolated", fake)
+    m = measure(rc, steps=1, warmup=1, workdir=tmp_path)
+    assert m.status is Status.COMPLETE and m.tokens_per_s == 123.0
+    assert "SIGABRT" in m.extra["teardown_error"] and m.log_tail == "terminate"

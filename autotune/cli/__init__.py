@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the work failed, 2 bad input (one line per problem, no 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,9 @@ from autotune.environment import check_kernels_package
 from autotune.errors import UserError
 
 __all__ = ["main"]
+
+# Where an output cannot be written for the machine's sake, not the input's.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,3 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autotune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A full, read-only or forbidden output location: the work failed (exit 1), said in
+        # one line; the atomic writes leave no half-written file behind.
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"autotune: error: cannot write: {where}{exc.strerror}", file=sys.stderr)
+        return 1

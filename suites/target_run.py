@@ -28,7 +28,12 @@ import torch
 from autotune import __version__
 from autotune.config import RunConfig, load_yaml
 from autotune.data import load_eval_dataset
-from autotune.train.distributed import ParallelContext, init_parallel, shutdown_parallel
+from autotune.train.distributed import (
+    ParallelContext,
+    init_parallel,
+    results_written,
+    shutdown_parallel,
+)
 from autotune.train.trainer import Trainer
 from profilers.ceilings import matmul_ceiling
 from profilers.store import atomic_write_text
@@ -176,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                  eval_sequences=args.eval_sequences, max_steps=args.max_steps)
         if result is not None:
             atomic_write_text(out / "result.json", json.dumps(result, indent=1))
-        if ctx.distributed:
-            # Peers that tear down while rank 0 still writes have aborted in gloo's teardown
-            # ("terminate called without an active exception") and taken rank 0 with them.
-            torch.distributed.barrier()
+        results_written(ctx)
     finally:
         shutdown_parallel(ctx)
     return 0

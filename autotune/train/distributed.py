@@ -11,7 +11,7 @@ import torch
 
 from autotune.config import RunConfig
 
-__all__ = ["ParallelContext", "init_parallel", "shutdown_parallel"]
+__all__ = ["ParallelContext", "init_parallel", "results_written", "shutdown_parallel"]
 
 MESH_DIMS = ("pp", "dp", "tp")  # outermost to innermost, as torchtitan orders them
 
@@ -95,6 +95,17 @@ def init_parallel(rc: RunConfig) -> ParallelContext:
     return ParallelContext(device=device, rank=dist.get_rank(), world=world, pp=p.pp, dp=p.dp,
                            tp=p.tp, pp_rank=coords[0], dp_rank=coords[1], tp_rank=coords[2],
                            mesh=mesh)
+
+
+def results_written(ctx: ParallelContext) -> None:
+    """Call on every rank once rank 0 has written its results, before ``shutdown_parallel``
+    on the success path: peers that tear down while rank 0 still writes have aborted in
+    gloo's teardown ("terminate called without an active exception") and taken rank 0 with
+    them. Not on a failure path, where a peer may never arrive."""
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def shutdown_parallel(ctx: ParallelContext) -> None:

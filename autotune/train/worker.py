@@ -20,7 +20,12 @@ import torch
 
 from autotune import __version__
 from autotune.config import RunConfig, load_yaml
-from autotune.train.distributed import ParallelContext, init_parallel, shutdown_parallel
+from autotune.train.distributed import (
+    ParallelContext,
+    init_parallel,
+    results_written,
+    shutdown_parallel,
+)
 from autotune.train.faults import Fault
 from autotune.train.trainer import StepResult, Trainer
 from profilers.ceilings import Ceiling, datasheet_peak, matmul_ceiling
@@ -276,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(Path(args.out), json.dumps(summary, indent=2))
             if args.dump_params:
                 dump_params(trainer, Path(args.dump_params), ctx)
-        if ctx.distributed:
-            # Peers that tear down while rank 0 still writes have aborted in gloo's teardown
-            # ("terminate called without an active exception") and taken rank 0 with them.
-            torch.distributed.barrier()
+        results_written(ctx)
     except Exception as exc:
         # A single process reports its own OOM; among many ranks the others would wait for
         # it forever, so the failure propagates and the launcher tears the group down.

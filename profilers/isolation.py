@@ -7,8 +7,10 @@ exception: a search must outlive any one trial. Whatever the child started is en
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +35,7 @@ _OOM_MARKERS = (
 _TAIL_LINES = 40
 _TAIL_BYTES = 64 * 1024
 _REASON_CHARS = 300
+_REAPER = Path(__file__).with_name("reaper.py")
 _GRACE_S = 5.0  # between SIGTERM and SIGKILL: time for NCCL/ranks to exit and flush logs
 
 
@@ -72,7 +75,9 @@ def run_isolated(
     The child's process tree is polled every ``poll_s``: past ``timeout_s`` or with its summed
     RSS over ``mem_cap_bytes`` the whole process group, and every descendant seen, get
     SIGTERM, then SIGKILL after 5 s. Processes the child leaves behind are ended the same way
-    when it exits. An interrupt (Ctrl-C) while waiting ends the tree and is re-raised.
+    when it exits. An interrupt (Ctrl-C) while waiting ends the tree and is re-raised. The
+    command runs under ``profilers/reaper.py``, which ends the tree if this process dies
+    without doing so (SIGKILL), so a killed driver leaves no trial running.
 
     Args:
         argv: the command and its arguments.
@@ -96,13 +101,14 @@ def run_isolated(
         <Status.COMPLETE: 'COMPLETE'>
     """
     _check_args(argv, timeout_s, mem_cap_bytes, poll_s)
+    _check_executable(argv[0], (env if env is not None else os.environ).get("PATH"))
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         offset = os.fstat(log.fileno()).st_size
         start = time.monotonic()
         proc = subprocess.Popen(
-            argv,
+            [sys.executable, "-I", str(_REAPER), str(os.getpid()), "--", *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -143,6 +149,14 @@ def _check_args(argv: list[str], timeout_s: float, mem_cap: int | None, poll_s: 
         raise ValueError(f"timeout_s={timeout_s} and poll_s={poll_s} must both be positive")
     if mem_cap is not None and mem_cap <= 0:
         raise ValueError(f"mem_cap_bytes={mem_cap} must be positive or None")
+
+
+def _check_executable(exe: str, path: str | None) -> None:
+    # The reaper starts the command, so a missing one would otherwise be only an exit code.
+    found = (os.path.isfile(exe) and os.access(exe, os.X_OK)) if os.sep in exe else (
+        shutil.which(exe, path=path) is not None)
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), exe)
 
 
 def _watch(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -215,3 +216,33 @@ def test_a_ranks_own_error_is_the_reason_not_the_launchers() -> None:
         "  traceback : Signal 15 (SIGTERM) received by PID 1",
     ])
     assert _last_line(log) == "[rank0]: RuntimeError: Output 6 of RegisterPostBackwardFunction is a view"
+
+
+def test_a_driver_killed_by_sigkill_leaves_no_trial_running(tmp_path: Path) -> None:
+    """SIGKILL gives the driver no chance to clean up; its reaper must end the trial tree,
+    including a grandchild in a session of its own (as torchrun starts its ranks)."""
+    pids = tmp_path / "pids"
+    trial = (
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+        "                     start_new_session=True)\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{p.pid}}')\n"
+        "time.sleep(600)\n"
+    )
+    driver = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from profilers.isolation import run_isolated\n"
+        f"run_isolated([sys.executable, '-c', {trial!r}], timeout_s=600, mem_cap_bytes=None,\n"
+        f"             log_path=Path({str(tmp_path / 't.log')!r}))\n"
+    )
+    proc = subprocess.Popen(_py(driver), start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pids.is_file() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the trial never started"
+        time.sleep(0.05)
+    trial_pids = [int(p) for p in pids.read_text().split()]
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: the trial is in another session
+    proc.wait()
+    for pid in trial_pids:
+        assert _wait_gone(pid, within_s=5.0), f"process {pid} outlived its driver"

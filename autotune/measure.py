@@ -52,10 +52,18 @@ def measure(rc: RunConfig, *, steps: int = 5, warmup: int = 1,
     matmul_ceiling(rc.precision.dtype, kind)
     with tempfile.TemporaryDirectory(prefix="autotune-measure-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
         cfg, out, log_path = work / "config.yaml", work / "metrics.json", work / "log.txt"
-        save_yaml(rc, cfg)
-        out.unlink(missing_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            save_yaml(rc, cfg)
+            out.unlink(missing_ok=True)
+            log_path.open("ab").close()
+        except OSError as exc:
+            # A full or read-only trial folder fails this trial, not the search.
+            return Measurement(status=Status.CRASHED, warmup_steps=warmup,
+                               reason=f"cannot write the trial folder {work}: "
+                                      f"{exc.strerror or exc}",
+                               fingerprint=current_fingerprint(kind, __version__))
         argv = launch.argv("autotune.train.worker", [
             str(cfg), "--mode", "measure", "--steps", str(steps), "--warmup", str(warmup),
             "--out", str(out)])
@@ -75,6 +83,17 @@ def measure(rc: RunConfig, *, steps: int = 5, warmup: int = 1,
         status, reason = run.status, run.reason
         if status is Status.COMPLETE:
             status, reason = Status.CRASHED, "the trial exited without writing its result"
+        if _full(work):
+            reason += f"; the trial folder's file system is full ({work})"
         return Measurement(status=status, reason=reason, warmup_steps=warmup,
                            peak_rss_bytes=run.peak_rss_bytes or None, log_tail=run.log_tail,
                            fingerprint=current_fingerprint(kind, __version__))
+
+
+def _full(path: Path) -> bool:
+    """No room left where the trial writes: the likely cause of a trial that died silently."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024

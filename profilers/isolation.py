@@ -256,18 +256,20 @@ def _classify(returncode: int, tail: str) -> tuple[Status, str]:
     """Status and reason of a child that exited on its own."""
     if returncode == 0:
         return Status.COMPLETE, ""
+    root = _root_cause_signal(tail)
     if returncode < 0:
         reason = _signal_reason(-returncode)
     elif returncode == 128 + signal.SIGKILL:
         # A shell or launcher reporting that its own child was SIGKILLed.
         reason = f"exit code {returncode} (a child killed by SIGKILL; likely the kernel OOM killer)"
+    elif root is not None:
+        reason = f"rank {root[0]} {_signal_reason(root[1])}"
     else:
         last = _last_line(tail)
         reason = f"exit code {returncode}: {last}" if last else f"exit code {returncode}"
-    oom = any(marker in tail for marker in _OOM_MARKERS) or returncode in (
-        -signal.SIGKILL,
-        128 + signal.SIGKILL,
-    )
+    oom = (any(marker in tail for marker in _OOM_MARKERS)
+           or returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+           or (root is not None and root[1] == signal.SIGKILL))
     return (Status.OOM if oom else Status.CRASHED), reason
 
 
@@ -281,6 +283,21 @@ def _signal_reason(signum: int) -> str:
         # is by far the most common sender of an unannounced SIGKILL.
         return f"killed by signal {signum} ({name}; likely the kernel OOM killer)"
     return f"killed by signal {signum} ({name})"
+
+
+# torchrun's failure summary names the rank that failed first; when a signal ended it, the
+# other ranks' errors (a peer's connection reset) are consequences, not the cause.
+_ROOT_CAUSE = re.compile(
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)",
+    re.DOTALL)
+
+
+def _root_cause_signal(text: str) -> tuple[int, int] | None:
+    """(rank, signal) of the launcher's root-cause rank when a signal ended it."""
+    match = _ROOT_CAUSE.search(text)
+    if match is None or int(match.group(2)) >= 0:
+        return None
+    return int(match.group(1)), -int(match.group(2))
 
 
 # The line that names a failure, in a Python traceback or a torchrun failure summary.

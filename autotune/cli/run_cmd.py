@@ -197,11 +197,12 @@ def run(args: argparse.Namespace) -> int:
         if source is not None:
             return source(rc, n)
         return measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
-                       workdir=workdir or rundir.trial_dir(n))
+                       workdir=workdir or rundir.path / "trials" / f"{n:03d}",
+                       env={"AUTOTUNE_TRIAL": str(n)})
 
     def record(trial: Trial) -> None:
         log.add(trial)  # committed before the next trial starts: a kill loses nothing done
-        rundir.write_trial(trial.n, trial.rc, trial.measurement)
+        _copy_to_folder(rundir, trial, bar)
         bar.update()
 
     # The baseline users run without tuning (their own config when they gave one) is
@@ -303,6 +304,16 @@ def _along_front(candidates, measure_one, budget, done, record, deadline, models
     return trials
 
 
+def _copy_to_folder(rundir, trial, bar) -> None:  # noqa: ANN001
+    """The trial's folder copy of what the study already holds: a folder that cannot be
+    written is said, and the search goes on."""
+    try:
+        rundir.write_trial(trial.n, trial.rc, trial.measurement)
+    except OSError as exc:
+        bar.write(f"autotune: warning: trial {trial.n}'s folder not written "
+                  f"({exc.strerror or exc}); its measurement is in the study", file=sys.stderr)
+
+
 def _front_section(ok: list) -> str:
     from autotune.propose import pareto_front
 
@@ -370,7 +381,7 @@ def _run_baselines(args, candidates, user, trials, log, done, measure_one, rundi
     def record(trial) -> None:  # noqa: ANN001
         trial.n = first_n + len(log.trials())
         log.add(trial)
-        rundir.write_trial(trial.n, trial.rc, trial.measurement)
+        _copy_to_folder(rundir, trial, bar)
 
     out = {}
     for name in BASELINES:

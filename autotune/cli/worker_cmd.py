@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> int:
         if source is not None:
             return source(rc, n)
         return measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
-                       workdir=out / "trials" / f"{n:03d}")
+                       workdir=out / "trials" / f"{n:03d}", env={"AUTOTUNE_TRIAL": str(n)})
 
     ranker = Ranker(candidates, models, warmup=args.warmup, steps=args.steps)
     # The untuned baseline first, as `autotune run` measures it, so reports compare alike.

@@ -2,7 +2,10 @@
 of memory on a chosen rank and step must become a recorded status, never a stopped search.
 
 ``AUTOTUNE_FAULT="crash:rank=1:step=2"`` (or ``hang:...``, ``oom:...``) in the environment of
-a trial arms it; without the variable nothing happens.
+a trial arms it; without the variable nothing happens. Several faults are separated by
+commas, and ``trial=N`` keeps one to the search's trial N (``AUTOTUNE_TRIAL``, which the
+search sets for every trial it measures), so one search can meet a different fault in each
+trial: ``AUTOTUNE_FAULT="crash:trial=1,hang:trial=3,crash:rank=1:step=2:trial=4"``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ class Fault:
 
     @classmethod
     def from_env(cls) -> Fault | None:
+        """The fault armed for this trial, if any."""
         spec = os.environ.get("AUTOTUNE_FAULT")
-        if not spec:
-            return None
-        kind, *fields = spec.split(":")
-        values = dict(f.split("=", 1) for f in fields)
-        if kind not in _KINDS:
-            raise ValueError(f"AUTOTUNE_FAULT kind {kind!r} is not one of {_KINDS}")
-        return cls(kind, int(values.get("rank", 0)), int(values.get("step", 1)))
+        trial = os.environ.get("AUTOTUNE_TRIAL")
+        for one in filter(None, (spec or "").split(",")):
+            kind, *fields = one.split(":")
+            values = dict(f.split("=", 1) for f in fields)
+            if kind not in _KINDS or set(values) - {"rank", "step", "trial"}:
+                raise ValueError(f"AUTOTUNE_FAULT {one!r}: expected KIND[:rank=R][:step=S]"
+                                 f"[:trial=N] with KIND one of {_KINDS}")
+            if "trial" in values and (trial is None or int(values["trial"]) != int(trial)):
+                continue
+            return cls(kind, int(values.get("rank", 0)), int(values.get("step", 1)))
+        return None
 
     def maybe_fire(self, *, rank: int, step: int) -> None:
         """Called before every step with the 1-based step number."""

@@ -246,3 +246,37 @@ def test_a_driver_killed_by_sigkill_leaves_no_trial_running(tmp_path: Path) -> N
     proc.wait()
     for pid in trial_pids:
         assert _wait_gone(pid, within_s=5.0), f"process {pid} outlived its driver"
+
+
+ROOT_CAUSE = """[rank1]: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+======================================================
+autotune.train.worker FAILED
+------------------------------------------------------
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 4495)  (SIGTERM)
+  traceback : Signal 15 (SIGTERM) received by PID 4495
+------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : {code} (pid: 4494)  ({name})
+  traceback : Signal {sig} ({name}) received by PID 4494
+======================================================"""
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGABRT, Status.CRASHED),
+                                             (signal.SIGKILL, Status.OOM)])
+def test_a_rank_killed_by_a_signal_is_the_reason_not_its_peers_reset(
+        sig: signal.Signals, status: Status) -> None:
+    """torchrun's log of rank 0 aborting: rank 1's 'connection closed' is a consequence."""
+    from profilers.isolation import _classify
+
+    log = ROOT_CAUSE.format(code=-sig, sig=int(sig), name=sig.name)
+    got, reason = _classify(1, log)
+    assert got is status and reason.startswith(f"rank 0 killed by signal {int(sig)} ({sig.name}")
+    # A rank that raised (exit code 1) keeps its own error line as the reason.
+    assert _classify(1, log.replace(f"exitcode  : {-sig}", "exitcode  : 1"))[1] == (
+        "exit code 1: [rank1]: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer")

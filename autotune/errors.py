@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["StorageFailure", "UserError"]
 
 
 class UserError(ValueError):
@@ -12,3 +12,9 @@ class UserError(ValueError):
     without a traceback and exits with code 2. Raise it only for input the user can fix,
     never for a bug in autotune.
     """
+
+
+class StorageFailure(RuntimeError):
+    """The study's storage stopped taking or giving results mid-run (a full disk, a database
+    server gone). The work failed: the CLI prints the one-line message and exits with code
+    1; every measurement recorded before is kept, and the same command resumes the run."""

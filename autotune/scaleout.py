@@ -19,6 +19,7 @@ reports and drops its measurement, which someone else is retaking.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -36,6 +37,8 @@ from autotune.search import Ranker, Trial, config_key
 from profilers.records import Measurement
 
 __all__ = ["Claim", "Pick", "SharedStudy", "next_pick", "work"]
+
+log = logging.getLogger(__name__)
 
 CLAIM = "claim"
 
@@ -135,7 +138,13 @@ class SharedStudy:
 
         def beat() -> None:
             while not stop.wait(self.heartbeat_s):
-                self.storage.record_heartbeat(claim.trial_id)
+                try:
+                    self.storage.record_heartbeat(claim.trial_id)
+                except Exception as exc:  # noqa: BLE001 - a blip must not end the beats
+                    # Missed beats past the grace period release the claim, and finish()
+                    # then drops this measurement: late, never double-counted.
+                    log.warning("heartbeat of trial %d failed (%s); retrying",
+                                claim.n, type(exc).__name__)
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{claim.trial_id}", daemon=True)
         thread.start()

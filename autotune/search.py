@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,14 @@ import pandas as pd
 
 from autotune.calibrate import canary_drift
 from autotune.config import RunConfig
-from autotune.errors import UserError
+from autotune.errors import StorageFailure, UserError
 from autotune.predict import StepPredictor
 from cost_models.bundle import StepModels
 from cost_models.step import MemoryModel, ResidualModel
 from profilers.records import Measurement, Status
 
-__all__ = ["Ranker", "ReplaySource", "Trial", "TrialLog", "config_key", "guided_search"]
+__all__ = ["Ranker", "ReplaySource", "Trial", "TrialLog", "config_key", "guided_search",
+           "storage_errors"]
 
 
 def config_key(rc: RunConfig) -> str:
@@ -80,6 +82,31 @@ class ReplaySource:
         return m
 
 
+@contextmanager
+def storage_errors(storage: str, doing: str) -> Iterator[None]:
+    """A storage failing mid-run (SQLite on a full disk, a PostgreSQL server gone) as one
+    StorageFailure line instead of SQLAlchemy's traceback."""
+    import optuna
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause = exc.__cause__ or exc
+        detail = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise StorageFailure(f"{doing} in {_without_password(storage)}: {detail}; what was "
+                             f"recorded before is kept, and the same command resumes") from None
+
+
+def _without_password(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL we cannot parse is shown as given
+        return url
+
+
 class TrialLog:
     """Measured trials in an Optuna study: ``add`` writes one as soon as it completes,
     ``trials`` reads them back (on resume)."""
@@ -88,6 +115,7 @@ class TrialLog:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage = storage
         try:
             self.study = optuna.create_study(storage=storage, study_name=study_name,
                                              direction="maximize", load_if_exists=True)
@@ -97,7 +125,9 @@ class TrialLog:
 
     def trials(self) -> list[Trial]:
         out = []
-        for t in self.study.get_trials(deepcopy=False):
+        with storage_errors(self.storage, "cannot read the measured trials"):
+            stored = self.study.get_trials(deepcopy=False)
+        for t in stored:
             attrs = t.user_attrs
             if "config_json" not in attrs:
                 continue
@@ -111,9 +141,9 @@ class TrialLog:
 
         m = trial.measurement
         ok = trial.ok and m.tokens_per_s is not None
-        self.study.add_trial(optuna.trial.create_trial(
-            # The space's knobs vary by policy, which Optuna's fixed distributions cannot
-            # hold; the config rides along as attributes, its label for the dashboard.
+        # The space's knobs vary by policy, which Optuna's fixed distributions cannot hold;
+        # the config rides along as attributes, its label for the dashboard.
+        frozen = optuna.trial.create_trial(
             params={}, distributions={},
             value=float(m.tokens_per_s) if ok else None,
             state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
@@ -121,7 +151,9 @@ class TrialLog:
                         "config_json": trial.rc.model_dump_json(),
                         "measurement_json": m.model_dump_json(), "status": m.status.value,
                         "predicted_tokens_per_s": trial.predicted_tokens_per_s,
-                        "predicted_peak_mem_bytes": trial.predicted_peak_mem_bytes}))
+                        "predicted_peak_mem_bytes": trial.predicted_peak_mem_bytes})
+        with storage_errors(self.storage, f"cannot record trial {trial.n}"):
+            self.study.add_trial(frozen)
 
 
 def _measured_table(trials: Sequence[Trial], index: dict[str, int]) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from autotune.environment import check_kernels_package
-from autotune.errors import UserError
+from autotune.errors import StorageFailure, UserError
 
 __all__ = ["main"]
 
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"autotune: error: {line}", file=sys.stderr)
         return 2
+    except StorageFailure as exc:
+        print(f"autotune: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("autotune: interrupted", file=sys.stderr)
         return 130

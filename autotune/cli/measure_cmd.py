@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from autotune.cli._common import (
     add_launch_args,
@@ -36,12 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from autotune.measure import measure
 
     rc, _ = load_runconfig(args.runconfig)
     launch = launch_from_args(rc, args)
+    if args.out:
+        # The user's own folder: one that cannot be written is this command's error (one
+        # line, exit 1) before anything runs, where a search records it as a failed trial.
+        from autotune.config import save_yaml
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_yaml(rc, Path(args.out) / "config.yaml")
     print(f"measuring {rc.label()}: {args.warmup} warm-up + {args.steps} timed steps on "
           f"{launch.world} rank(s) in a separate process tree ...", file=sys.stderr)
     m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,

@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> int:
     from autotune.portfolio import baseline_configs
     from autotune.rundir import validate_name
     from autotune.scaleout import SharedStudy, next_pick, work
-    from autotune.search import Ranker, ReplaySource
+    from autotune.search import Ranker, ReplaySource, storage_errors
 
     # Study names reach the storage's tables and the reports' folder names alike.
     validate_name(args.study, "study name")
@@ -80,8 +80,9 @@ def worker(args: argparse.Namespace) -> int:
     first = space.canonical(user_rc or baseline_configs(wl)[0])
     choose = next_pick(ranker, budget=args.budget_trials or wl.budget.trials, first=first)
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
-    mine = work(shared, choose, measure_one, deadline=deadline)
-    done = shared.snapshot().done
+    with storage_errors(args.storage, "the shared study failed"):
+        mine = work(shared, choose, measure_one, deadline=deadline)
+        done = shared.snapshot().done
     ok = [t for t in done if t.ok and t.measurement.tokens_per_s]
     best = max(ok, key=lambda t: t.measurement.tokens_per_s or 0.0) if ok else None
     summary = {"measured_here": [t.n for t in mine], "study_trials": len(done),

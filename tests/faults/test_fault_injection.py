@@ -28,11 +28,18 @@ check of the process table (no process of the run left) and of the study (every 
 completed before is still there, in order), then a resume to the end: every trial measured
 exactly once.
 
-8 faults in a search plus 10 driver kills: 18 faults injected, each survived.
+``test_a_full_study_storage_stops_the_run_in_one_line_and_resumes`` -- the study's own
+SQLite file fills its file system mid-run: the run stops with one line and exit code 1 (it
+cannot record, so it must not measure on), every trial recorded before is kept, and the
+same command, once there is room, finishes without repeating one.
+
+7 faults in trials (6 in one search, 1 over the memory cap), 10 driver kills and 1 full
+study: 18 faults injected, each survived.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -198,3 +205,42 @@ def test_ten_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path) -> N
     assert final[:len(seen)] == seen
     assert len(final) == budget == len(set(final))
     assert _wait_no_processes(tmp_path, within_s=2.0) == []
+
+
+def test_a_full_study_storage_stops_the_run_in_one_line_and_resumes(
+        tmp_path: Path, mounts: list[Path]) -> None:
+    import pandas as pd
+
+    table = tmp_path / "empty.parquet"  # every config "not in the replay table": recorded too
+    pd.DataFrame({"config_json": [], "measurement_json": []}).to_parquet(table)
+    db_dir = tmp_path / "db"
+    _mount_tmpfs(db_dir, mounts)
+    subprocess.run(["mount", "-o", "remount,size=1m", str(db_dir)], check=True)
+    storage = f"sqlite:///{db_dir / 'study.db'}"
+    argv = _driver(tmp_path, tmp_path / "run", 12, "--replay", str(table), "--storage", storage)
+    env = {**os.environ, "AUTOTUNE_REPLAY_DELAY_S": "0.3"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((db_dir / "study.db").exists() and len(TrialLog(storage).trials()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.1)
+        with open(db_dir / "fill", "wb", buffering=0) as fh, contextlib.suppress(OSError):
+            while fh.write(b"\0" * 4096):  # every page left, until ENOSPC
+                pass
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("autotune: error:")]
+    assert len(errors) == 1 and "database or disk is full" in errors[0], err[-3000:]
+    assert "Traceback" not in err
+    (db_dir / "fill").unlink()
+    kept = [t.rc.model_dump_json() for t in TrialLog(storage).trials()]
+    assert len(kept) >= 2
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: no candidate completed
+    final = [t.rc.model_dump_json() for t in TrialLog(storage).trials()]
+    assert final[:len(kept)] == kept and len(final) == 12 == len(set(final))

@@ -22,7 +22,7 @@ import psutil
 
 from profilers.records import Status
 
-__all__ = ["IsolatedRun", "run_isolated"]
+__all__ = ["IsolatedRun", "guarded", "run_isolated"]
 
 _OOM_MARKERS = (
     "CUDA out of memory",
@@ -108,7 +108,7 @@ def run_isolated(
         offset = os.fstat(log.fileno()).st_size
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", str(_REAPER), str(os.getpid()), "--", *argv],
+            guarded(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -149,6 +149,12 @@ def _check_args(argv: list[str], timeout_s: float, mem_cap: int | None, poll_s: 
         raise ValueError(f"timeout_s={timeout_s} and poll_s={poll_s} must both be positive")
     if mem_cap is not None and mem_cap <= 0:
         raise ValueError(f"mem_cap_bytes={mem_cap} must be positive or None")
+
+
+def guarded(argv: list[str]) -> list[str]:
+    """``argv`` run under the reaper: it and everything it starts end when this process
+    dies, even by SIGKILL, instead of running on as orphans."""
+    return [sys.executable, "-I", str(_REAPER), str(os.getpid()), "--", *argv]
 
 
 def _check_executable(exe: str, path: str | None) -> None:

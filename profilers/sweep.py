@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profilers.isolation import _classify, _log_tail, _ProcessTree
+from profilers.isolation import _classify, _log_tail, _ProcessTree, guarded
 from profilers.ops import case_key, window_row
 from profilers.records import Status
 from profilers.store import ProfileStore
@@ -151,8 +151,8 @@ def _run_child(todo: list[dict], writer: _Writer, bar: Any, report: SweepReport,
     log = open(log_path, "ab")
     offset = log.tell()
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "profilers.ops", "--jobs", str(cases_path),
-         "--device", device_kind, *child_args],
+        guarded([sys.executable, "-u", "-m", "profilers.ops", "--jobs", str(cases_path),
+                 "--device", device_kind, *child_args]),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     tree = _ProcessTree(proc.pid)
     began = time.monotonic()

@@ -43,7 +43,7 @@ from autotune.config import RunConfig, Workload, dump_yaml, load_yaml, save_yaml
 from autotune.errors import UserError
 from autotune.launch import Launch
 from profilers.fingerprint import current_fingerprint
-from profilers.isolation import run_isolated
+from profilers.isolation import guarded, run_isolated
 from profilers.records import Status
 from profilers.store import atomic_write_text
 
@@ -239,7 +239,7 @@ def _tune(suite: Suite, base: Path, out: Path) -> RunConfig:
         if (run_dir / "summary.json").exists() or (run_dir / "trials").exists():
             argv = [sys.executable, "-m", "autotune", "run", "--resume", str(run_dir)]
         print(f"tuning the workload: {' '.join(argv[2:])}", file=sys.stderr)
-        done = subprocess.run(argv, check=False)
+        done = subprocess.run(guarded(argv), check=False)
         if done.returncode != 0 or not (run_dir / "tuned.yaml").is_file():
             raise RuntimeError(f"autotune run failed (exit {done.returncode}); see {run_dir}")
     return load_yaml(RunConfig, run_dir / "tuned.yaml")

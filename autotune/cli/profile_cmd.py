@@ -16,6 +16,7 @@ from autotune.cli._common import (
 )
 from autotune.errors import UserError
 from profilers.families import FAMILIES, OP_FAMILIES
+from profilers.isolation import guarded
 
 
 def _bytes(text: str) -> int:
@@ -198,7 +199,7 @@ def _collectives(args: argparse.Namespace, store, launch) -> int:  # noqa: ANN00
     argv = launch.argv("profilers.collectives", [
         "--out", str(store.root), "--min-bytes", str(args.min_bytes),
         "--max-bytes", str(args.max_bytes), "--min-time-s", str(args.min_time_s or 0.2)])
-    return subprocess.run(argv, check=False).returncode
+    return subprocess.run(guarded(argv), check=False).returncode
 
 
 def _print_summary(summary: dict) -> None:

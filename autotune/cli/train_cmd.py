@@ -16,6 +16,7 @@ from autotune.cli._common import (
     positive_int,
     print_json,
 )
+from profilers.isolation import guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             argv = launch.argv("autotune.train.worker", [
                 args.runconfig, "--mode", "train", "--steps", str(args.steps),
                 "--log-every", str(args.log_every), "--out", str(out)])
-            code = subprocess.run(argv, check=False).returncode
+            code = subprocess.run(guarded(argv), check=False).returncode
             if code != 0 or not out.is_file():
                 print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
                 return 1

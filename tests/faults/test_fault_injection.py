@@ -138,8 +138,8 @@ def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, mounts: list[P
     _mount_tmpfs(out / "trials" / "006", mounts)
     (out / "trials" / "006" / "fill").write_bytes(b"\0" * 64 * 1024)  # every page taken
 
-    # --timeout: what the hung trial costs; a healthy 2-rank trial takes ~5 s here.
-    done = subprocess.run(_driver(tmp_path, out, 8, "--timeout", "25"), env=env,
+    # --timeout: what the hung trial costs; a healthy 2-rank trial takes ~6 s here.
+    done = subprocess.run(_driver(tmp_path, out, 8, "--timeout", "20"), env=env,
                           capture_output=True, text=True, timeout=600)
 
     assert done.returncode == 0, done.stderr[-3000:]

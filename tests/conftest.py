@@ -3,6 +3,7 @@ tests run only under ``-m slow``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Keep measured ceilings and caches out of the user's home during tests."""
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path], Path]]:
+    """Mounts a 64 KiB tmpfs where asked (a folder created for it), detached afterwards:
+    a file system to fill up or remount read-only. Root only: skipped, saying why, elsewhere."""
+    import subprocess
+
+    made: list[Path] = []
+
+    def mount(where: Path) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        made.append(where)
+        return where
+
+    yield mount
+    for where in made:
+        # Lazily: a process of a failed test may still hold a file there.
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ traceback and no half-written file. The directory is a tiny tmpfs mounted for th
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +21,10 @@ RC = {
 }
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_unwritable_output_is_one_line_and_exit_1(small_fs: Path, tmp_path: Path, fault: str,
+def test_unwritable_output_is_one_line_and_exit_1(tmpfs, tmp_path: Path, fault: str,  # noqa: ANN001
                                                   capsys: pytest.CaptureFixture) -> None:
+    small_fs = tmpfs(tmp_path / "mnt")
     rc = tmp_path / "rc.yaml"
     rc.write_text(yaml.safe_dump(RC))
     if fault == "full":

@@ -47,12 +47,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import psutil
-import pytest
 import yaml
 
 from autotune.config import RunConfig
@@ -97,24 +95,6 @@ def _wait_no_processes(path: Path, within_s: float) -> list[str]:
     return left
 
 
-@pytest.fixture
-def mounts() -> Iterator[list[Path]]:
-    """Tiny tmpfs mounts, unmounted afterwards (root only: skipped, saying why, elsewhere)."""
-    made: list[Path] = []
-    yield made
-    for m in made:
-        subprocess.run(["umount", "--lazy", str(m)], check=False)
-
-
-def _mount_tmpfs(where: Path, mounts: list[Path]) -> None:
-    where.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    mounts.append(where)
-
-
 def _driver(tmp_path: Path, out: Path, budget: int, *extra: str) -> list[str]:
     wl = tmp_path / "workload.yaml"
     if not wl.exists():
@@ -124,7 +104,7 @@ def _driver(tmp_path: Path, out: Path, budget: int, *extra: str) -> list[str]:
             *extra]
 
 
-def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, mounts: list[Path]) -> None:
+def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, tmpfs) -> None:  # noqa: ANN001
     out = tmp_path / "run"
     env = {**os.environ, "AUTOTUNE_FAULT": ",".join(
         spec for spec, _, _ in FAULTS.values() if ":" in spec)}
@@ -133,9 +113,8 @@ def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, mounts: list[P
     first = subprocess.run(_driver(tmp_path, out, 1, "--timeout", "120"), env=env,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    _mount_tmpfs(out / "trials" / "005", mounts)
-    subprocess.run(["mount", "-o", "remount,ro", str(out / "trials" / "005")], check=True)
-    _mount_tmpfs(out / "trials" / "006", mounts)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs(out / "trials" / "005"))], check=True)
+    tmpfs(out / "trials" / "006")
     (out / "trials" / "006" / "fill").write_bytes(b"\0" * 64 * 1024)  # every page taken
 
     # --timeout: what the hung trial costs; a healthy 2-rank trial takes ~6 s here.
@@ -210,13 +189,12 @@ def test_ten_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path) -> N
 
 
 def test_a_full_study_storage_stops_the_run_in_one_line_and_resumes(
-        tmp_path: Path, mounts: list[Path]) -> None:
+        tmp_path: Path, tmpfs) -> None:  # noqa: ANN001
     import pandas as pd
 
     table = tmp_path / "empty.parquet"  # every config "not in the replay table": recorded too
     pd.DataFrame({"config_json": [], "measurement_json": []}).to_parquet(table)
-    db_dir = tmp_path / "db"
-    _mount_tmpfs(db_dir, mounts)
+    db_dir = tmpfs(tmp_path / "db")
     subprocess.run(["mount", "-o", "remount,size=1m", str(db_dir)], check=True)
     storage = f"sqlite:///{db_dir / 'study.db'}"
     argv = _driver(tmp_path, tmp_path / "run", 12, "--replay", str(table), "--storage", storage)

@@ -92,8 +92,8 @@ def family_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measur
     rng = np.random.default_rng(seed)
     measured: dict[tuple[int, int], float] = {}
 
-    def take(s: int, c: int) -> None:
-        if mask[s, c] and (s, c) not in measured and len(measured) < limit:
+    def take(s: int, c: int, *, past_limit: bool = False) -> None:
+        if mask[s, c] and (s, c) not in measured and (past_limit or len(measured) < limit):
             measured[(s, c)] = float(measure(s, c))
 
     order = sorted(range(n_s), key=lambda s: _size(shapes[s]))
@@ -128,6 +128,17 @@ def family_tune(shapes: Sequence[dict], configs: Sequence[dict], measure: Measur
                     if mask[s, int(c)] and (s, int(c)) not in measured), None)
         if nxt is not None:
             take(s, nxt)
+    # A config that failed (out of memory or of shared memory) is measured as inf. A shape
+    # whose every measured config failed gets more, past the budget, in the ranker's order,
+    # until one runs: "no config found" only when none of the allowed ones does.
+    for s in order:
+        while not any(math.isfinite(t) for (t_s, _), t in measured.items() if t_s == s):
+            scores = _ranked(shapes, configs, measured, features, s)
+            nxt = next((int(c) for c in np.argsort(-scores)
+                        if mask[s, int(c)] and (s, int(c)) not in measured), None)
+            if nxt is None:
+                break
+            take(s, nxt, past_limit=True)
     return _result(n_s, measured)
 
 

@@ -126,3 +126,30 @@ def test_bench_takes_the_median_of_repeats() -> None:
         assert bench(fn, warmup=1, repeats=5, min_s=0.0) == 1.0  # the 5 s warm-up discarded
     finally:
         kt.time.perf_counter = real
+
+
+def test_a_shape_whose_measured_configs_all_fail_gets_more_until_one_runs() -> None:
+    """Configs that fail (inf: out of memory or shared memory) on one shape: tuning measures
+    past its budget there, in the ranker's order, until a config runs; other shapes keep to
+    the budget. Here every config of shape 0 but the four smallest-tile ones fails."""
+    table = np.array([[cost(s, c) for c in CONFIGS] for s in SHAPES])
+    tile = np.array([c["block_m"] * c["block_n"] * c["block_k"] for c in CONFIGS])
+    runs = tile <= np.sort(tile)[3]
+    calls: list[tuple[int, int]] = []
+
+    def measure(s: int, c: int) -> float:
+        calls.append((s, c))
+        return float(table[s, c]) if s != 0 or runs[c] else math.inf
+
+    got = family_tune(SHAPES, CONFIGS, measure, features=features, budget=0.25)
+    assert runs[got.best[0]] and math.isfinite(got.seconds[0])
+    assert got.seconds[0] == min(table[0, c] for (s, c) in calls if s == 0 and runs[c])
+    assert len(calls) == len(set(calls))
+    # past the budget only for the failing shape, and no further than its first success
+    over = len(calls) - measurement_limit(np.ones(table.shape, bool), 0.25)
+    zero = [c for (s, c) in calls if s == 0]
+    assert over <= 0 or not runs[zero[-1 - over:-1]].any()
+    # with nothing that runs, the shape is tried whole and reported failed (inf)
+    none = family_tune(SHAPES[:2], CONFIGS, lambda s, c: math.inf if s == 0 else table[s, c],
+                       features=features, budget=0.25)
+    assert none.seconds[0] == math.inf and math.isfinite(none.seconds[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def tune(args: argparse.Namespace) -> int:
     dtype_name = args.dtype or rcs[0].precision.dtype
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     summary = {}
+    failed: list[dict] = []
     for name in wanted:
         spec, todo = KERNELS[name], shapes[name]
         if not todo:
@@ -103,17 +105,29 @@ def tune(args: argparse.Namespace) -> int:
                    unit="pair", disable=None)
 
         def measure(s: int, c: int, spec=spec, todo=todo, cfgs=cfgs, inputs=inputs,  # noqa: ANN001
-                    bar=bar) -> float:
+                    bar=bar, name=name) -> float:
             if s not in inputs:
                 inputs.clear()  # one shape's inputs alive at a time
                 inputs[s] = spec.make(todo[s], dtype, torch.Generator().manual_seed(s))
             bar.update()
-            return bench(lambda: spec.run(inputs[s], cfgs[c]))
+            try:
+                return bench(lambda: spec.run(inputs[s], cfgs[c]))
+            except Exception as exc:  # noqa: BLE001 - a config that fails is a result
+                # Out of memory or of a resource the config asks too much of (shared memory,
+                # registers): slowest of all to the tuner, said in the summary, never picked.
+                failed.append({"kernel": name, "shape": todo[s], "config": cfgs[c],
+                               "error": f"{type(exc).__name__}: "
+                                        f"{(str(exc).splitlines() or [''])[0][:200]}"})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                return math.inf
 
         result = family_tune(todo, cfgs, measure, features=spec.features, budget=args.budget,
                              allowed=allowed)
         bar.close()
         for s, shape in enumerate(todo):
+            if not math.isfinite(result.seconds[s]):
+                continue  # every config tried failed: the kernel's default stays
             cache.put(name, shape, dtype_name, cfgs[result.best[s]], module=spec.module,
                       seconds=result.seconds[s],
                       measured=sum(1 for (t, _) in result.measured if t == s))
@@ -121,7 +135,9 @@ def tune(args: argparse.Namespace) -> int:
         summary[name] = {"shapes": len(todo), "configs": len(cfgs),
                          "measured_pairs": result.n_measured,
                          "tuned": [{"shape": sh, "config": cfgs[result.best[s]],
-                                    "seconds": result.seconds[s]} for s, sh in enumerate(todo)]}
+                                    "seconds": result.seconds[s]} for s, sh in enumerate(todo)
+                                   if math.isfinite(result.seconds[s])],
+                         "failed": [f for f in failed if f["kernel"] == name]}
     if args.json:
         print(json.dumps({"cache": str(path), "kernels": summary}, indent=2))
         return 0
@@ -130,5 +146,7 @@ def tune(args: argparse.Namespace) -> int:
               f"measured ({r['measured_pairs'] / (r['shapes'] * r['configs']):.0%})", file=sys.stdout)
         for t in r["tuned"]:
             print(f"  {t['shape']}: {t['config']} {t['seconds'] * 1e3:.2f} ms")
+        for f in r["failed"]:
+            print(f"  failed, not picked: {f['shape']}: {f['config']}: {f['error']}")
     print(f"cache: {path}")
     return 0

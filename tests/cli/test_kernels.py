@@ -3,6 +3,7 @@ is one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,3 +75,29 @@ def test_fused_loss_picks_keep_the_memory_cut(tmp_path: Path, capsys: pytest.Cap
     for t in tuned:  # the whole space's admissible set, so a lone config cannot pass by default
         ok = spec.admissible(t["shape"], cfgs, min_memory_cut=4.0)
         assert ok[cfgs.index(t["config"])], t
+
+
+def test_a_config_that_fails_is_recorded_and_never_picked(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel config that raises (Triton out of shared memory, an OOM) is a tuning result:
+    the slowest of all to the tuner, listed, never cached; the tuning goes on."""
+    spec = KERNELS["rmsnorm"]
+    bad = spec.configs()[::2]
+
+    def run(inputs, cfg):  # noqa: ANN001, ANN202
+        if cfg in bad:
+            raise RuntimeError("out of resources: shared memory, Required: 262144")
+        return spec.run(inputs, cfg)
+
+    monkeypatch.setitem(KERNELS, "rmsnorm", dataclasses.replace(spec, run=run))
+    rc_path = tmp_path / "rc.yaml"
+    rc_path.write_text(yaml.safe_dump(RC))
+    cache = tmp_path / "kernels.json"
+    assert main(["kernels", "tune", "--workload", str(rc_path), "--kernel", "rmsnorm",
+                 "--cache", str(cache), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["kernels"]["rmsnorm"]
+    assert out["failed"] and all(f["config"] in bad for f in out["failed"])
+    assert all("out of resources" in f["error"] for f in out["failed"])
+    assert out["tuned"] and not any(t["config"] in bad for t in out["tuned"])
+    cached = json.loads(cache.read_text())["entries"].values()
+    assert cached and not any(e["config"] in bad for e in cached)

@@ -29,12 +29,13 @@ completed before is still there, in order), then a resume to the end: every tria
 exactly once.
 
 ``test_a_full_study_storage_stops_the_run_in_one_line_and_resumes`` -- the study's own
-SQLite file fills its file system mid-run: the run stops with one line and exit code 1 (it
-cannot record, so it must not measure on), every trial recorded before is kept, and the
-same command, once there is room, finishes without repeating one.
+SQLite file fills its file system mid-run, under `autotune run` and under `autotune worker`:
+the command stops with one line and exit code 1 (it cannot record, so it must not measure
+on), every trial recorded before is kept, and the same command, once there is room,
+finishes without repeating one.
 
-7 faults in trials (6 in one search, 1 over the memory cap), 10 driver kills and 1 full
-study: 18 faults injected, each survived.
+7 faults in trials (6 in one search, 1 over the memory cap), 10 driver kills and 2 full
+studies: 19 faults injected, each survived.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 import yaml
 
 from autotune.config import RunConfig
@@ -188,8 +190,9 @@ def test_ten_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path) -> N
     assert _wait_no_processes(tmp_path, within_s=2.0) == []
 
 
+@pytest.mark.parametrize("command", ["run", "worker"])
 def test_a_full_study_storage_stops_the_run_in_one_line_and_resumes(
-        tmp_path: Path, tmpfs) -> None:  # noqa: ANN001
+        tmp_path: Path, tmpfs, command: str) -> None:  # noqa: ANN001
     import pandas as pd
 
     table = tmp_path / "empty.parquet"  # every config "not in the replay table": recorded too
@@ -198,6 +201,11 @@ def test_a_full_study_storage_stops_the_run_in_one_line_and_resumes(
     subprocess.run(["mount", "-o", "remount,size=1m", str(db_dir)], check=True)
     storage = f"sqlite:///{db_dir / 'study.db'}"
     argv = _driver(tmp_path, tmp_path / "run", 12, "--replay", str(table), "--storage", storage)
+    if command == "worker":  # a scale-out worker on the same study storage
+        # Its claim in flight when the storage failed stays until its heartbeat is stale:
+        # short beats, so the resumed worker need not wait 30 s to retake it.
+        argv[argv.index("run")] = "worker"
+        argv += ["--heartbeat", "1", "--grace", "2"]
     env = {**os.environ, "AUTOTUNE_REPLAY_DELAY_S": "0.3"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

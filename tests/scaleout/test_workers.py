@@ -147,3 +147,41 @@ def _claims_or_none(storage: str) -> list:
         return _claims(storage)
     except KeyError:
         return []
+
+
+def test_a_database_gone_mid_run_is_one_line_and_the_study_resumes(
+        setup, pg_database: str, postgres_url: str) -> None:
+    """The study's database refuses connections while a worker measures (its connections
+    cut, new ones refused): the worker stops with one line and exit 1, no traceback; once the
+    database is back, a worker finishes the study with nothing lost or repeated."""
+    import psycopg2
+
+    wl, table = setup
+    argv = _argv(wl, table, pg_database, "--heartbeat", "1", "--grace", "2")
+    worker = _spawn(argv, delay_s=0.5)
+    deadline = time.monotonic() + 60
+    while len(TrialLog(pg_database).trials()) < 3:
+        assert time.monotonic() < deadline and worker.poll() is None, "the worker never measured"
+        time.sleep(0.1)
+    name = pg_database.rsplit("/", 1)[1]
+    admin = psycopg2.connect(postgres_url.replace("postgresql+psycopg2://", "postgresql://"))
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = %s", (name,))
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 1, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("autotune: error:")]
+        assert len(errors) == 1 and "the shared study failed" in errors[0], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        admin.close()
+    kept = [t.rc.model_dump_json() for t in TrialLog(pg_database).trials()]
+    assert len(kept) >= 3
+    _finish([_spawn(argv, delay_s=0.0)])
+    final = [t.rc.model_dump_json() for t in TrialLog(pg_database).trials()]
+    assert final[:len(kept)] == kept and len(final) == 12 == len(set(final))

@@ -158,7 +158,7 @@ def test_a_database_gone_mid_run_is_one_line_and_the_study_resumes(
 
     wl, table = setup
     argv = _argv(wl, table, pg_database, "--heartbeat", "1", "--grace", "2")
-    worker = _spawn(argv, delay_s=0.5)
+    worker = _spawn(argv, delay_s=0.3)
     deadline = time.monotonic() + 60
     while len(TrialLog(pg_database).trials()) < 3:
         assert time.monotonic() < deadline and worker.poll() is None, "the worker never measured"

@@ -43,8 +43,13 @@ class RunDir:
         path.mkdir(parents=True)
         return cls(path)
 
+    def trial_path(self, n: int) -> Path:
+        """Trial ``n``'s folder, not created: ``measure`` creates it, and a folder it cannot
+        create is that trial's failure, not the run's."""
+        return self.path / "trials" / f"{n:03d}"
+
     def trial_dir(self, n: int) -> Path:
-        d = self.path / "trials" / f"{n:03d}"
+        d = self.trial_path(n)
         d.mkdir(parents=True, exist_ok=True)
         return d
 

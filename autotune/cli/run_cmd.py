@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         if source is not None:
             return source(rc, n)
         return measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
-                       workdir=workdir or rundir.path / "trials" / f"{n:03d}",
+                       workdir=workdir or rundir.trial_path(n),
                        env={"AUTOTUNE_TRIAL": str(n)})
 
     def record(trial: Trial) -> None:

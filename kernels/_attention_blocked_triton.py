@@ -178,8 +178,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sm_scale, stride_qt, s
 _INTERPRETED = isinstance(_attn_fwd, InterpretedFunction)
 
 
-def _prepare(q: torch.Tensor, k: torch.Tensor, cu_q: Sequence[int], cu_k: Sequence[int]) -> dict:
-    """Launch arguments shared by every kernel of one call."""
+def _prepare(q: torch.Tensor, k: torch.Tensor, cu_q: Sequence[int], cu_k: Sequence[int],
+             device_cu: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """Launch arguments shared by every kernel of one call. The boundaries go to the
+    device once per micro-batch (``device_cu``), not once per call."""
     if q.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"impl='triton' needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 "
                          "set before triton is imported")
@@ -187,8 +189,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, cu_q: Sequence[int], cu_k: Sequen
         raise ValueError(f"impl='triton' supports float16, bfloat16 and float32, not {q.dtype}")
     heads, dim = q.shape[1:]
     return {
-        "cu_q": torch.tensor(cu_q, dtype=torch.int32, device=q.device),
-        "cu_k": torch.tensor(cu_k, dtype=torch.int32, device=q.device),
+        "cu_q": device_cu[0] if device_cu is not None else
+        torch.tensor(cu_q, dtype=torch.int32, device=q.device),
+        "cu_k": device_cu[1] if device_cu is not None else
+        torch.tensor(cu_k, dtype=torch.int32, device=q.device),
         "max_lq": max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0),
         "max_lk": max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0),
         "consts": {"HEAD_DIM": dim, "REP": heads // k.shape[1],
@@ -202,11 +206,12 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, cu_q: Sequence[int], cu_k: Sequen
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Sequence[int],
-            cu_k: Sequence[int], *, block_m: int, block_n: int, num_warps: int, num_stages: int
+            cu_k: Sequence[int], *, block_m: int, block_n: int, num_warps: int, num_stages: int,
+            device_cu: tuple[torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (Tq, H, D) and logsumexp (H, Tq) float32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    a = _prepare(q, k, cu_q, cu_k)
+    a = _prepare(q, k, cu_q, cu_k, device_cu)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     if a["max_lq"] == 0:
@@ -220,10 +225,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Sequence[in
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse: torch.Tensor, cu_q: Sequence[int], cu_k: Sequence[int], *,
-             block_m: int, block_n: int, num_warps: int, num_stages: int
+             block_m: int, block_n: int, num_warps: int, num_stages: int,
+             device_cu: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
-    a = _prepare(q, k, cu_q, cu_k)
+    a = _prepare(q, k, cu_q, cu_k, device_cu)
     heads, groups, segs = q.shape[1], k.shape[1], len(cu_q) - 1
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if a["max_lq"] == 0:

@@ -44,7 +44,9 @@ _IMPLS = ("torch", "triton")
 def varlen_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int], *,
                              block_q: int = 64, block_k: int = 64, impl: str = "torch",
-                             num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+                             num_warps: int = 4, num_stages: int = 1,
+                             device_cu: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> torch.Tensor:
     """Causal attention within segments, computed block by block, differentiable.
 
     Args:
@@ -59,6 +61,9 @@ def varlen_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         impl: ``"torch"`` (any device) or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1).
         num_warps: Triton launch option; ignored by ``"torch"``.
         num_stages: Triton launch option; ignored by ``"torch"``.
+        device_cu: ``cu_seqlens_q`` and ``cu_seqlens_k`` already on the device as int32
+            (``kernels.attention.Segments.device_cu``), so that the Triton path does not
+            copy them to the device on every call; built here when None.
 
     Returns:
         (Tq, H, D) attention output in ``q``'s dtype.
@@ -66,7 +71,8 @@ def varlen_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q, cu_k = tuple(int(c) for c in cu_seqlens_q), tuple(int(c) for c in cu_seqlens_k)
     _check(q, k, cu_q, cu_k)
     _validate(q, k, v, cu_q, cu_k, block_q, block_k, impl)
-    return _BlockedAttention.apply(q, k, v, cu_q, cu_k, (impl, block_q, block_k, num_warps, num_stages))
+    return _BlockedAttention.apply(q, k, v, cu_q, cu_k,
+                                   (impl, block_q, block_k, num_warps, num_stages, device_cu))
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: tuple[int, ...],
@@ -96,12 +102,13 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, knobs):  # noqa: ANN001
-        impl, block_q, block_k, num_warps, num_stages = knobs
+        impl, block_q, block_k, num_warps, num_stages, device_cu = knobs
         if impl == "triton":
             from kernels import _attention_blocked_triton as tri
 
             out, lse = tri.forward(q, k, v, cu_q, cu_k, block_m=block_q, block_n=block_k,
-                                   num_warps=num_warps, num_stages=num_stages)
+                                   num_warps=num_warps, num_stages=num_stages,
+                                   device_cu=device_cu)
         else:
             out, lse = _torch_forward(q, k, v, cu_q, cu_k, block_q, block_k)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -111,12 +118,13 @@ class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
-        impl, block_q, block_k, num_warps, num_stages = ctx.knobs
+        impl, block_q, block_k, num_warps, num_stages, device_cu = ctx.knobs
         if impl == "triton":
             from kernels import _attention_blocked_triton as tri
 
             grads = tri.backward(grad_out, q, k, v, out, lse, *ctx.cu, block_m=block_q,
-                                 block_n=block_k, num_warps=num_warps, num_stages=num_stages)
+                                 block_n=block_k, num_warps=num_warps, num_stages=num_stages,
+                                 device_cu=device_cu)
         else:
             grads = _torch_backward(grad_out, q, k, v, out, lse, *ctx.cu, block_q, block_k)
         return (*grads, None, None, None)

@@ -63,10 +63,22 @@ class ParallelConfig(BaseModel):
     cp: PositiveInt = 1
     zero_stage: int = Field(0, ge=0, le=3)
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    grad_reduce: Literal["auto", "micro_batch", "step"] = Field(
+        "auto", description="when data-parallel gradients are reduced: after every micro-batch "
+        "(ZeRO 2/3 keep only their shard of the gradients; ranks run equally many micro-batches) "
+        "or once per step (fewer collectives; every rank holds unsharded gradients for the "
+        "whole step, and ZeRO 1/2 keep parameters gathered too); auto: once per step for "
+        "ZeRO 0 and chunkflow, after every micro-batch otherwise")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    def reduce_per_step(self, policy: str) -> bool:
+        """Whether gradients are reduced once per step (else after every micro-batch)."""
+        if self.grad_reduce != "auto":
+            return self.grad_reduce == "step"
+        return self.zero_stage == 0 or policy == "chunkflow"
 
 
 class CheckpointConfig(BaseModel):
@@ -100,7 +112,9 @@ class KernelsConfig(BaseModel):
     """Which kernel runs each tunable op, and with which config.
 
     ``attention``: ``sdpa`` (torch's fused kernel per group of equal segments), ``eager``
-    (plain math), ``blocked`` (flash-style blocks with tunable sizes) or ``triton`` (GPUs).
+    (plain math), ``blocked`` (flash-style blocks with tunable sizes), ``triton`` (GPUs),
+    ``varlen`` (FlashAttention varlen: CUDA, bf16) or ``flex`` (FlexAttention with a
+    document block mask, compiled: CUDA).
     ``loss``: ``full`` (lm head logits, then cross-entropy) or ``fused`` (both in token
     chunks: the logits never exist whole). ``norm``: ``torch`` or ``fused`` (RMSNorm saving
     only per-row statistics). ``configs`` pins a kernel's config (``{linear_ce: {chunk_tokens:
@@ -111,7 +125,7 @@ class KernelsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    attention: Literal["sdpa", "eager", "blocked", "triton"] = "sdpa"
+    attention: Literal["sdpa", "eager", "blocked", "triton", "varlen", "flex"] = "sdpa"
     loss: Literal["full", "fused"] = "full"
     norm: Literal["torch", "fused"] = "torch"
     configs: dict[str, dict[str, int]] = Field(default_factory=dict)
@@ -149,6 +163,10 @@ class RunConfig(BaseModel):
     kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    compile: Literal["none", "blocks"] = Field(
+        "none", description="torch.compile each transformer block (attention stays outside "
+        "the compiled graph); token-budget policies (pack, skrull, chunkflow) pad micro-batches "
+        "to micro_batch_tokens for static shapes, padding policies compile with dynamic shapes")
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
@@ -173,6 +191,8 @@ class RunConfig(BaseModel):
                 parts.append(p.pp_schedule)
         if self.checkpointing.policy != "none":
             parts.append(f"ac-{self.checkpointing.policy}")
+        if self.compile != "none":
+            parts.append(f"compile-{self.compile}")
         parts.append(self.precision.dtype)
         return "_".join(parts)
 
@@ -188,6 +208,20 @@ def rule_violations(rc: RunConfig) -> list[str]:
     if rc.kernels.attention == "triton" and w.hardware.device != "cuda":
         problems.append("kernels.attention=triton needs device cuda (on CPUs its kernels run "
                         "only under TRITON_INTERPRET=1, for tests); use blocked or sdpa")
+    if rc.kernels.attention in ("varlen", "flex") and w.hardware.device != "cuda":
+        problems.append(f"kernels.attention={rc.kernels.attention} needs device cuda (no CPU "
+                        f"kernel trains with it); use sdpa or blocked")
+    if rc.kernels.attention == "varlen" and rc.precision.dtype != "bf16":
+        problems.append("kernels.attention=varlen is FlashAttention, which runs in 16-bit only: "
+                        "use precision.dtype bf16, or sdpa/flex in fp32")
+    if rc.compile == "blocks" and rc.kernels.norm == "fused":
+        problems.append("compile=blocks with kernels.norm=fused: the compiler fuses the norm "
+                        "itself, and the fused kernel's tuning lookup cannot be compiled; use "
+                        "kernels.norm torch")
+    if p.dp > 1 and s.policy == "chunkflow" and p.grad_reduce == "micro_batch":
+        problems.append("grad_reduce=micro_batch with dp > 1 cannot run chunkflow: a chunk "
+                        "group's backward passes differ per rank, so per-pass reductions would "
+                        "not meet their peers; use grad_reduce step (or auto)")
     dims = w.model.resolve()
     if dims.heads % p.tp or dims.kv_heads % p.tp:
         problems.append(f"tp={p.tp} does not divide heads={dims.heads} and kv_heads={dims.kv_heads}")

@@ -2,14 +2,20 @@
 
 RMSNorm, rotary positions, SwiGLU and grouped-query attention, with module names as in
 torchtitan (``attention.wq``, ``feed_forward.w1``, ...) so that parallelism plans written for
-them apply. Tokens of a micro-batch lie end to end in one dimension; ``cu_seqlens`` marks the
-segments, attention never crosses them, and positions come from the caller (restarting at 0
-for every sequence, continuing across the chunks of a long one).
+them apply. Tokens of a micro-batch lie end to end in one dimension; its ``Segments``
+(``kernels.attention``) mark where attention may look, built once per micro-batch and shared
+by every layer, and positions come from the caller (restarting at 0 for every sequence,
+continuing across the chunks of a long one).
+
+Each block's attention runs outside ``torch.compile`` (``compile: blocks`` compiles what is
+around it): the kernels are opaque either way, and a micro-batch's segment layout then never
+becomes a guard that recompiles the block.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +25,10 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from autotune.config import ModelDims
-from kernels.attention import prefix_causal_attention, varlen_attention
+from kernels.attention import Segments, attention
 from kernels.elementwise import apply_rope, rms_norm, swiglu
 
-__all__ = ["Decoder", "PackedBatch", "IGNORE_INDEX"]
+__all__ = ["Decoder", "LayerAttention", "PackedBatch", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -30,12 +36,50 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """One micro-batch: ``input_ids``, ``labels`` and ``positions`` of shape (tokens,)."""
+    """One micro-batch: ``input_ids``, ``labels`` and ``positions`` of shape (tokens,), and
+    its segments (segment 0 continuing ``segments.prefix`` tokens of earlier chunks)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
-    cu_seqlens: tuple[int, ...]
+    segments: Segments
+
+    @property
+    def cu_seqlens(self) -> tuple[int, ...]:
+        return self.segments.cu_q
+
+
+@dataclass(eq=False)
+class LayerAttention:
+    """What one layer's attention needs besides q, k and v: the micro-batch's segments and
+    this layer's key/value prefix. An object, not tensors, so that a compiled block passes it
+    through to the attention kernel without guarding on (and recompiling for) its contents."""
+
+    segments: Segments
+    prefix: KV | None = None
+
+
+@torch.compiler.disable
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: LayerAttention,
+            impl: str) -> torch.Tensor:
+    # Profiler scopes name cost families for profilers/trace.py. Unprofiled, one costs
+    # about 10 us: under a millisecond per step of the default workload.
+    with record_function("autotune:attention"):
+        return attention(q, k, v, at.segments, impl=impl, prefix_kv=at.prefix)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` as ``p`` (a DTensor, or a plain tensor) holds it: sliced
+    locally, since every rank drew the same ``full``."""
+    if not hasattr(p, "placements"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 class RMSNorm(nn.Module):
@@ -60,8 +104,16 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        d = self.head_dim
+        return (1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies where the module was built on the meta device."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def angles(self, positions: torch.Tensor) -> KV:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
@@ -82,30 +134,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dims.hidden, dims.kv_width, bias=dims.qkv_bias)
         self.wo = nn.Linear(dims.q_width, dims.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: KV, cu: tuple[int, ...],
-                prefix: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, rope: KV, at: LayerAttention
+                ) -> tuple[torch.Tensor, KV]:
         t = x.shape[0]
         # Head counts from the weights, so a tensor-parallel shard sees its own heads.
         q = self.wq(x).view(t, -1, self.head_dim)
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
         q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
-        # Profiler scopes name cost families for profilers/trace.py. Unprofiled, one costs
-        # about 10 us: under a millisecond per step of the default workload.
-        with record_function("autotune:attention"):
-            if prefix is None:
-                o = varlen_attention(q, k, v, cu, cu, impl=self.impl)
-            else:
-                # Segment 0 continues a sequence whose earlier keys are in ``prefix``.
-                s0 = cu[1]
-                o = prefix_causal_attention(q[:s0], prefix[0].to(k.dtype), prefix[1].to(v.dtype),
-                                            k[:s0], v[:s0], impl=self.impl)
-                if len(cu) > 2:
-                    rest = tuple(c - s0 for c in cu[1:])
-                    o = torch.cat((o, varlen_attention(q[s0:], k[s0:], v[s0:], rest, rest,
-                                                       impl=self.impl)))
-        seg0 = cu[1]
-        return self.wo(o.reshape(t, -1)), (k[:seg0], v[:seg0])
+        o = _attend(q, k, v, at, self.impl)
+        return self.wo(o.reshape(t, -1)), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -128,9 +166,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(dims)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu: tuple[int, ...], prefix: KV | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
-        a, (k, v) = self.attention(self.attention_norm(h), (cos, sin), cu, prefix)
+                at: LayerAttention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's output, and its (post-rotary) keys and values of every token."""
+        a, (k, v) = self.attention(self.attention_norm(h), (cos, sin), at)
         h = h + a
         h = h + self.feed_forward(self.ffn_norm(h))
         return h, k, v
@@ -144,10 +182,14 @@ class Decoder(nn.Module):
         dims: model dimensions.
         attention: varlen attention implementation (see ``kernels.attention``).
         checkpoint_layers: recompute the activations of this many leading layers in backward.
+        seed: initial weights (see ``reset_parameters``).
+
+    Built under ``torch.device("meta")`` it allocates nothing: the trainer builds it so, cuts
+    and shards it, then ``to_empty`` on its device and ``reset_parameters`` there.
     """
 
     def __init__(self, dims: ModelDims, *, attention: str = "sdpa", checkpoint_layers: int = 0,
-                 loss: str = "full", norm: str = "torch"):
+                 loss: str = "full", norm: str = "torch", seed: int = 0):
         super().__init__()
         self.dims = dims
         self.fused_loss = loss == "fused"
@@ -164,29 +206,44 @@ class Decoder(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = norm == "fused"
-        self.reset_parameters()
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initial weights that depend on ``seed`` and each parameter's name only, never on
+        the layout: every parameter is drawn whole from a generator seeded by (seed, name)
+        and each rank keeps its own shard of it (tensor- and data-parallel DTensors
+        included), so a pipeline stage, a tensor-parallel shard and a single process start
+        from the same numbers, and no rank holds more than one whole parameter at a time."""
         out_std = 0.02 / math.sqrt(2 * self.dims.layers)
         for name, p in self.named_parameters():
             if p.ndim == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            else:
-                std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+                fill = 1.0 if name.endswith("norm.weight") else 0.0
+                _local(p).fill_(fill)
+                continue
+            std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            gen = torch.Generator(device=_local(p).device)
+            gen.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            full = torch.randn(p.shape, generator=gen, device=_local(p).device,
+                               dtype=torch.float32).mul_(std)
+            _local(p).copy_(_shard_of(full, p))
+        self.rotary.reset_buffers()
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, cu: tuple[int, ...],
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, segments: Segments,
                    prefix_kv: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """The transformer blocks this module holds (all, or a pipeline stage's share)."""
+        """The transformer blocks this module holds (all, or a pipeline stage's share), and
+        per layer the keys and values of segment 0."""
         cos, sin = self.rotary.angles(positions)
+        seg0 = segments.cu_q[1]
         kvs: list[KV] = []
         for i, (name, layer) in enumerate(self.layers.items()):
-            prefix = prefix_kv[i] if prefix_kv is not None else None
+            at = LayerAttention(segments, prefix_kv[i] if prefix_kv is not None else None)
             if int(name) < self.checkpoint_layers and torch.is_grad_enabled():
-                h, k, v = checkpoint(layer, h, cos, sin, cu, prefix, use_reentrant=False)
+                h, k, v = checkpoint(layer, h, cos, sin, at, use_reentrant=False)
             else:
-                h, k, v = layer(h, cos, sin, cu, prefix)
-            kvs.append((k, v))
+                h, k, v = layer(h, cos, sin, at)
+            kvs.append((k[:seg0], v[:seg0]))
         return h, kvs
 
     def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -223,5 +280,5 @@ class Decoder(nn.Module):
                 return_kv: bool = False) -> tuple[torch.Tensor, list[KV]]:
         """Summed loss, and segment 0's keys and values per layer when ``return_kv``."""
         h = self.tok_embeddings(batch.input_ids)
-        h, kvs = self.run_layers(h, batch.positions, batch.cu_seqlens, prefix_kv)
+        h, kvs = self.run_layers(h, batch.positions, batch.segments, prefix_kv)
         return self.loss_sum(h, batch.labels), (kvs if return_kv else [])

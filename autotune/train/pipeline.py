@@ -1,17 +1,21 @@
 """Pipeline parallelism with ``torch.distributed.pipelining`` (GPipe and 1F1B).
 
 Pipeline schedules split one batch tensor into equal micro-batches and pass only
-activations between stages, so each step's packed micro-batches are padded to the longest
-of them (a padding segment that no one attends to and the loss ignores) and their
-positions and segment boundaries are handed to every stage in the order the schedule runs
-forwards, which is ascending for both schedules. ChunkFlow's dependent chunks cannot be
-served this way; the config rules refuse that combination before anything starts.
+activations between stages, so each step's packed micro-batches are padded to one width (a
+padding segment that no one attends to and the loss ignores): the token budget for pack and
+skrull, the longest micro-batch rounded up to a multiple of 256 tokens for the padding
+policies, so that few widths ever occur. Stages and schedules are built once per width and
+reused. Positions and segments are handed to every stage in the order the schedule runs
+forwards, which is ascending for both schedules. Activations travel in the compute dtype.
+ChunkFlow's dependent chunks cannot be served this way; the config rules refuse that
+combination before anything starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotune.data import MicroBatch, SequenceSet, StepPlan
-from autotune.train.model import IGNORE_INDEX, Decoder, PackedBatch
+from autotune.train.model import IGNORE_INDEX, Decoder
 from autotune.train.step import materialize
+
+_WIDTH_STEP = 256
 
 __all__ = ["PipelineRunner", "StageModule"]
 
@@ -32,78 +38,92 @@ class StageModule(nn.Module):
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
-        self.meta: deque[tuple[torch.Tensor, tuple[int, ...]]] = deque()
+        self.meta: deque[tuple[torch.Tensor, Any]] = deque()
+        # What travels between stages: under autocast the residual stream is fp32, and
+        # sending it so would double the bytes on the wire for nothing the next stage keeps.
+        self.act_dtype: torch.dtype | None = None
 
     @property
     def layers(self) -> nn.ModuleDict:
         return self.decoder.layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions, cu = self.meta.popleft()
+        positions, segments = self.meta.popleft()
         d = self.decoder
         h = d.tok_embeddings(x[0]) if d.tok_embeddings is not None else x[0]
-        h, _ = d.run_layers(h, positions, cu)
+        h, _ = d.run_layers(h, positions, segments)
         if d.output is not None:
             return d.output(d.norm(h)).unsqueeze(0)
-        return h.unsqueeze(0)
-
-
-def _pad(batch: PackedBatch, tokens: int) -> PackedBatch:
-    extra = tokens - batch.input_ids.numel()
-    if extra == 0:
-        return batch
-    dev = batch.input_ids.device
-    return PackedBatch(
-        torch.cat((batch.input_ids, torch.zeros(extra, dtype=torch.long, device=dev))),
-        torch.cat((batch.labels, torch.full((extra,), IGNORE_INDEX, device=dev))),
-        torch.cat((batch.positions, torch.arange(extra, device=dev))),
-        (*batch.cu_seqlens, tokens))
+        return h.unsqueeze(0).to(self.act_dtype or h.dtype)
 
 
 class PipelineRunner:
     """Runs one rank's share of a step through a pipeline schedule."""
 
-    def __init__(self, stage_module: StageModule, ctx, *, schedule: str,
-                 autocast_dtype: torch.dtype | None):
+    def __init__(self, stage_module: StageModule, ctx: Any, *, schedule: str,
+                 autocast_dtype: torch.dtype | None, act_dtype: torch.dtype = torch.float32,
+                 budget: int | None = None):
         self.module = stage_module
         self.ctx = ctx
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
+        self.act_dtype = act_dtype
+        self.budget = budget  # fixed width: the token budget of pack and skrull
+        stage_module.act_dtype = act_dtype
+        self._schedules: dict[tuple[int, int], Any] = {}
+        self._scale = 1.0  # read by the loss function the schedules were built with
 
-    def run(self, plan: StepPlan, seqs: SequenceSet, batch_ids: np.ndarray, *,
-            grad_scale: float) -> float:
-        """Forward and backward of every micro-batch; the summed loss on the last stage."""
+    def _width(self, widest: int) -> int:
+        if self.budget is not None and widest <= self.budget:
+            return self.budget
+        return -(-widest // _WIDTH_STEP) * _WIDTH_STEP
+
+    def _schedule_for(self, width: int, n_micro: int) -> Any:
+        """The stage and schedule of this width and micro-batch count, built on first use:
+        PipelineStage sizes its buffers and sets up its peers' shapes once."""
+        key = (width, n_micro)
+        if key not in self._schedules:
+            self._schedules[key] = self._build(width, n_micro)
+        return self._schedules[key]
+
+    def _build(self, width: int, n_micro: int) -> Any:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         ctx = self.ctx
-        # A rank with no sequences still runs one empty micro-batch: its pipeline peers and
-        # its gradient reduction expect it.
-        mbs: list[MicroBatch] = list(plan.micro_batches()) or [MicroBatch(())]
-        batches = [materialize(mb, seqs, batch_ids, ctx.device) for mb in mbs]
-        width = max(b.input_ids.numel() for b in batches)
-        batches = [_pad(b, width) for b in batches]
-        self.module.meta = deque((b.positions, b.cu_seqlens) for b in batches)
 
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))
             return F.cross_entropy(logits, target[0], ignore_index=IGNORE_INDEX,
-                                   reduction="sum") * grad_scale
+                                   reduction="sum") * self._scale
 
         # Static shapes: the schedule would otherwise infer them by running the stage on
-        # meta tensors, which the per-micro-batch segment boundaries cannot follow.
+        # meta tensors, which the per-micro-batch segments cannot follow.
         dims = self.module.decoder.dims
         # Float activations carry requires_grad: the stage sizes its gradient buffers by it.
-        act = lambda *shape, dtype=torch.float32: torch.empty(  # noqa: E731
+        act = lambda *shape, dtype=self.act_dtype: torch.empty(  # noqa: E731
             shape, dtype=dtype, device=ctx.device, requires_grad=dtype.is_floating_point)
         inputs = act(1, width, dtype=torch.long) if ctx.is_first_stage else act(1, width, dims.hidden)
-        outputs = (act(1, width, dims.vocab, dtype=self.autocast_dtype or torch.float32)
-                   if ctx.is_last_stage else act(1, width, dims.hidden))
+        outputs = act(1, width, dims.vocab) if ctx.is_last_stage else act(1, width, dims.hidden)
         stage = PipelineStage(
             self.module, ctx.pp_rank, ctx.pp, ctx.device, input_args=inputs, output_args=outputs,
             output_grads=None if ctx.is_last_stage else outputs,
             input_grads=None if ctx.is_first_stage else inputs, group=ctx.group("pp"))
         cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
-        sched = cls(stage, n_microbatches=len(batches), loss_fn=loss_fn, scale_grads=False)
+        return cls(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+
+    def run(self, plan: StepPlan, seqs: SequenceSet, batch_ids: np.ndarray, *,
+            grad_scale: float) -> torch.Tensor:
+        """Forward and backward of every micro-batch; the summed loss on the last stage (zero
+        elsewhere), on the device."""
+        ctx = self.ctx
+        # A rank with no sequences still runs one empty micro-batch: its pipeline peers and
+        # its gradient reduction expect it.
+        mbs: list[MicroBatch] = list(plan.micro_batches()) or [MicroBatch(())]
+        width = self._width(max(max(mb.tokens for mb in mbs), 2))
+        batches = [materialize(mb, seqs, batch_ids, ctx.device, pad_to=width) for mb in mbs]
+        self.module.meta = deque((b.positions, b.segments) for b in batches)
+        sched = self._schedule_for(width, len(batches))
+        self._scale = grad_scale
         losses: list[torch.Tensor] = []
         autocast = (torch.autocast(ctx.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
@@ -114,4 +134,7 @@ class PipelineRunner:
                 sched.step(target=torch.stack([b.labels for b in batches]), losses=losses)
             else:
                 sched.step()
-        return float(sum(float(x) for x in losses)) / grad_scale if losses else 0.0
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for x in losses:
+            total += x.detach()
+        return total / grad_scale

@@ -16,47 +16,66 @@ import torch
 from autotune.data import ChunkGroup, MicroBatch, SequenceSet, StepPlan
 from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.model import IGNORE_INDEX, KV, Decoder, PackedBatch
+from kernels.attention import Segments, to_device
 
 __all__ = ["StepExecutor", "materialize"]
 
 
 def materialize(mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
-                device: torch.device) -> PackedBatch:
+                device: torch.device, *, pad_to: int = 0) -> PackedBatch:
     """Tensors of a micro-batch: inputs, next-token labels (IGNORE_INDEX on padding and on
-    each sequence's last token) and positions counted within each sequence. An empty
+    each sequence's last token), positions counted within each sequence, and its segments
+    (segment 0 continuing its sequence after ``start`` tokens of earlier chunks).
+
+    Built on the host and moved to the device in one copy (pinned, non-blocking on CUDA),
+    segment boundaries included, so no layer moves or reads back anything. ``pad_to`` adds
+    a padding segment up to that many tokens (static shapes for a compiled model, equal
+    widths for a pipeline): no other segment sees it and the loss ignores it. An empty
     micro-batch (a rank keeping step with its peers) becomes two ignored tokens."""
-    if not mb.segments:
-        return _empty_batch(device)
     total = mb.tokens
-    ids = np.zeros(total, dtype=np.int64)
-    labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
-    pos = np.empty(total, dtype=np.int64)
+    if not mb.segments:
+        return _padding_batch(max(2, pad_to), device)
+    width = max(total, pad_to)
     cu = [0]
+    for seg in mb.segments:
+        cu.append(cu[-1] + seg.padded)
+    if width > total:
+        cu.append(width)
+    buf = np.empty(3 * width + len(cu), dtype=np.int64)
+    ids, labels, pos = buf[:width], buf[width:2 * width], buf[2 * width:3 * width]
+    ids[total:] = 0
+    labels[:] = IGNORE_INDEX
+    pos[total:] = np.arange(width - total)
+    buf[3 * width:] = cu
     at = 0
     for seg in mb.segments:
         x = seqs.seq(int(batch_ids[seg.seq]))
         end = seg.start + seg.length
         ids[at:at + seg.length] = x[seg.start:end]
+        ids[at + seg.length:at + seg.padded] = 0
         # The target of a stretch's last token is the next stretch's first token.
         tgt = x[seg.start + 1:end + 1]
         labels[at:at + len(tgt)] = tgt
         pos[at:at + seg.padded] = np.arange(seg.start, seg.start + seg.padded)
         at += seg.padded
-        cu.append(at)
-    as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
-    return PackedBatch(as_t(ids), as_t(labels), as_t(pos), tuple(cu))
+    dev = to_device(buf, device)
+    return PackedBatch(dev[:width], dev[width:2 * width], dev[2 * width:3 * width],
+                       Segments(tuple(cu), prefix=mb.segments[0].start, device=device,
+                                cu_q_dev=dev[3 * width:]))
 
 
-def _empty_batch(device: torch.device) -> PackedBatch:
-    zeros = torch.zeros(2, dtype=torch.long, device=device)
-    return PackedBatch(zeros, torch.full_like(zeros, IGNORE_INDEX), torch.arange(2, device=device),
-                       (0, 2))
+def _padding_batch(tokens: int, device: torch.device) -> PackedBatch:
+    buf = np.concatenate([np.zeros(tokens, np.int64), np.full(tokens, IGNORE_INDEX, np.int64),
+                          np.arange(tokens, dtype=np.int64), [0, tokens]])
+    dev = to_device(buf, device)
+    return PackedBatch(dev[:tokens], dev[tokens:2 * tokens], dev[2 * tokens:3 * tokens],
+                       Segments((0, tokens), device=device, cu_q_dev=dev[3 * tokens:]))
 
 
 @dataclass
 class StepOutput:
-    loss_sum: float  # summed cross-entropy over the global batch's targets
-    targets: int
+    loss_sum: torch.Tensor  # this rank's summed cross-entropy, on the device (not read back)
+    targets: int  # of the global batch
 
 
 class StepExecutor:
@@ -64,12 +83,19 @@ class StepExecutor:
 
     def __init__(self, model: Decoder, seqs: SequenceSet, *, device: torch.device,
                  autocast_dtype: torch.dtype | None = None,
-                 adaptive: AdaptiveCheckpointing | None = None):
+                 adaptive: AdaptiveCheckpointing | None = None, pad_to: int = 0):
         self.model = model
         self.seqs = seqs
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.adaptive = adaptive
+        self.pad_to = pad_to  # static token width for a compiled model; 0: as they come
+
+    def _batch(self, mb: MicroBatch, batch_ids: np.ndarray) -> PackedBatch:
+        # The two-token batch of a rank keeping step stays small: one more compiled shape
+        # costs less than a full micro-batch of padding.
+        return materialize(mb, self.seqs, batch_ids, self.device,
+                           pad_to=self.pad_to if mb.segments else 0)
 
     def _checkpointing(self, mb: MicroBatch) -> contextlib.AbstractContextManager:
         """Under adaptive checkpointing: this micro-batch's plan, and its probe."""
@@ -91,28 +117,30 @@ class StepExecutor:
         callers pass dp / targets, since gradient reduction averages over ranks."""
         targets = int((self.seqs.lengths[batch_ids] - 1).sum())
         scale = 1.0 / targets if grad_scale is None else grad_scale
-        loss = torch.zeros((), dtype=torch.float64)
+        # Summed on the device: reading each micro-batch's loss back would hold the host
+        # until the device caught up, every micro-batch.
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for unit in plan.units:
             if isinstance(unit, ChunkGroup):
                 loss += self._run_group(unit, batch_ids, scale)
             else:
                 loss += self._run_micro(unit, batch_ids, scale)
-        return StepOutput(float(loss), targets)
+        return StepOutput(loss, targets)
 
     def sync_pass(self) -> None:
         """A two-token forward and backward whose loss is zero: under data parallelism it
         carries the one gradient reduction of the step after all real micro-batches ran
         without it, so ranks with different numbers of micro-batches reduce exactly once."""
         with self._autocast():
-            loss_sum, _ = self.model(_empty_batch(self.device))
+            loss_sum, _ = self.model(_padding_batch(2, self.device))
         (loss_sum * 0.0).backward()
 
     def _run_micro(self, mb: MicroBatch, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
-        batch = materialize(mb, self.seqs, batch_ids, self.device)
+        batch = self._batch(mb, batch_ids)
         with self._checkpointing(mb), self._autocast():
             loss_sum, _ = self.model(batch)
         (loss_sum * scale).backward()
-        return loss_sum.detach().double().cpu()
+        return loss_sum.detach()
 
     def _run_group(self, group: ChunkGroup, batch_ids: np.ndarray, scale: float) -> torch.Tensor:
         """ChunkFlow's state-aware schedule: forward over every chunk in order, writing each
@@ -131,7 +159,7 @@ class StepExecutor:
         kept: dict[int, tuple[torch.Tensor, list[KV], list[KV] | None]] = {}
         for j, chunk in enumerate(group.chunks):
             with_grad = j >= first_kept
-            batch = materialize(chunk, self.seqs, batch_ids, self.device)
+            batch = self._batch(chunk, batch_ids)
             prefix = state.prefix(j, leaves=with_grad)
             with torch.set_grad_enabled(with_grad), self._autocast():
                 loss_sum, kv = self.model(batch, prefix_kv=prefix, return_kv=True)
@@ -139,23 +167,23 @@ class StepExecutor:
                 state.write(j, kv)
             if with_grad:
                 kept[j] = (loss_sum, kv, prefix)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for j in reversed(range(n)):
             if j in kept:
                 loss_sum, kv, prefix = kept.pop(j)
             else:
-                batch = materialize(group.chunks[j], self.seqs, batch_ids, self.device)
+                batch = self._batch(group.chunks[j], batch_ids)
                 prefix = state.prefix(j, leaves=True)
                 with self._autocast():
                     loss_sum, kv = self.model(batch, prefix_kv=prefix, return_kv=True)
-            outs, grads = [loss_sum * scale], [torch.ones((), dtype=loss_sum.dtype)]
+            outs, grads = [loss_sum * scale], [torch.ones_like(loss_sum)]
             if j < n - 1:
                 for (k, v), (gk, gv) in zip(kv, state.grads_of(j)):
                     outs += [k, v]
                     grads += [gk, gv]
             state.route_prefix_grads(prefix)
             torch.autograd.backward(outs, grads)
-            total += loss_sum.detach().double().cpu()
+            total += loss_sum.detach()
         return total
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from autotune.config import RunConfig
+from autotune.config._runconfig import PADDED_POLICIES
 from autotune.data import (
     Dataset,
     MicroBatch,
@@ -26,12 +27,11 @@ from autotune.errors import UserError
 from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.distributed import ParallelContext
 from autotune.train.flops import model_flops
-from autotune.train.model import Decoder
-from autotune.train.parallelize import parallelize
-from autotune.train.pipeline import PipelineRunner, StageModule
+from autotune.train.parallelize import build_model
+from autotune.train.pipeline import PipelineRunner
 from autotune.train.step import StepExecutor, materialize
 
-__all__ = ["StepResult", "Trainer", "clip_grad_norm"]
+__all__ = ["StepResult", "Trainer", "clip_grad_norm", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,12 @@ def _copies(t: torch.Tensor, ctx: ParallelContext) -> int:
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
-                   ctx: ParallelContext) -> float:
+                   ctx: ParallelContext) -> torch.Tensor:
     """Clip by the norm over the whole model: shards (DTensor, tensor- and data-parallel)
     and pipeline stages included. Each rank sums the squares of its local shards, each
     divided by its number of identical copies, so that one all-reduce over all ranks gives
-    the global sum (instead of one reduction per sharded parameter)."""
+    the global sum (instead of one reduction per sharded parameter). Returns the norm before
+    clipping, on the device."""
     grads = [p.grad for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
     for g in grads:
@@ -87,20 +88,41 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
     for g in grads:
         local = g.to_local() if hasattr(g, "to_local") else g
         local.mul_(coef.to(local.dtype))
-    return float(norm)
+    return norm
+
+
+def make_optimizer(params: list[torch.nn.Parameter], rc: RunConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over fp32 (master) parameters: fused (one kernel for the whole update, no
+    per-parameter host reads of the step count) where torch has it for the parameters'
+    kind, else foreach; plain per-parameter loops only for lists that mix DTensor and
+    plain tensors, which tensor parallelism alone leaves (sharded projections beside
+    replicated norms) and which the multi-tensor kernels refuse."""
+    opt = rc.optimizer
+    kinds = {hasattr(p, "full_tensor") for p in params}
+    fast = {"fused": True} if len(kinds) == 1 else {"foreach": False}
+    return torch.optim.AdamW(params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                             weight_decay=opt.weight_decay, **fast)
 
 
 class Trainer:
     """Builds everything a RunConfig names and trains it step by step, on one process or as
     one rank of many (``ctx``).
 
-    Deterministic by ``rc.seed``: initial weights and the order of global batches follow it,
-    every rank builds the full model from the same seed before taking its shard, and every
-    rank plans the same global batch, then runs its data-parallel share.
+    Deterministic by ``rc.seed``: initial weights and the order of global batches follow it.
+    The model is built on the meta device, cut, sharded and only then allocated on this
+    rank's device and initialised there (``parallelize.build_model``), with weights that
+    depend on the seed alone, whatever the layout; every rank plans the same global batch,
+    then runs its data-parallel share.
+
+    ``time_compute``: on CUDA, synchronize once per step to time the forward and backward
+    passes apart from the gradient reduction (``StepResult.compute_s``), as measurements
+    need; training runs leave the device queue alone.
     """
 
     def __init__(self, rc: RunConfig, *, dataset: Dataset | None = None,
-                 device: torch.device | None = None, ctx: ParallelContext | None = None):
+                 device: torch.device | None = None, ctx: ParallelContext | None = None,
+                 time_compute: bool = True):
         self.rc = rc
         self.dims = rc.workload.model.resolve()
         self.ctx = ctx or ParallelContext(device=device or torch.device(rc.workload.hardware.device))
@@ -115,39 +137,40 @@ class Trainer:
                 rc.kernels, rc.precision.dtype, rc.workload.hardware.device))
         except CacheMismatch as exc:
             raise UserError(str(exc)) from None
-        decoder = Decoder(self.dims, attention=rc.kernels.attention, loss=rc.kernels.loss,
-                          norm=rc.kernels.norm,
-                          checkpoint_layers=rc.checkpointing.checkpointed_layers(self.dims.layers)
-                          ).to(self.device)
-        autocast = torch.bfloat16 if rc.precision.dtype == "bf16" else None
+        self.mixed_precision = rc.precision.dtype == "bf16" and self.ctx.dp > 1
+        # Under FSDP2's mixed precision the parameters are cast for compute; elsewhere bf16
+        # is autocast around fp32 parameters.
+        autocast = (torch.bfloat16 if rc.precision.dtype == "bf16" and not self.mixed_precision
+                    else None)
+        self.decoder, self.model = build_model(rc, self.ctx, self.dims)
         self.pipeline: PipelineRunner | None = None
         if self.ctx.pp > 1:
-            from autotune.train.parallelize import split_pipeline_stage
-
-            split_pipeline_stage(decoder, stage=self.ctx.pp_rank, stages=self.ctx.pp)
-            self.model: torch.nn.Module = parallelize(StageModule(decoder), rc, self.ctx)
-            self.pipeline = PipelineRunner(self.model, self.ctx, schedule=rc.parallel.pp_schedule,
-                                           autocast_dtype=autocast)
-        else:
-            self.model = parallelize(decoder, rc, self.ctx)
-        opt = rc.optimizer
+            self.pipeline = PipelineRunner(
+                self.model, self.ctx, schedule=rc.parallel.pp_schedule, autocast_dtype=autocast,
+                act_dtype=torch.bfloat16 if rc.precision.dtype == "bf16" else torch.float32,
+                budget=(None if rc.schedule.policy in PADDED_POLICIES
+                        else rc.schedule.micro_batch_tokens))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # foreach kernels refuse lists that mix DTensor and plain parameters, which tensor
-        # parallelism alone leaves (sharded projections beside replicated norms).
-        kinds = {hasattr(p, "full_tensor") for p in self.params}
-        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                           weight_decay=opt.weight_decay, foreach=len(kinds) == 1)
+        self.optimizer = make_optimizer(self.params, rc, self.device)
         self.policy = make_policy(rc, self.dims, data_max_len=self.dataset.max_len)
         self.batches = global_batches(self.dataset.lengths,
                                       global_batch_tokens=rc.workload.budget.global_batch_tokens,
                                       seed=rc.seed)
+        static = rc.compile == "blocks" and rc.schedule.policy not in PADDED_POLICIES
         self.executor = StepExecutor(self.model, self.dataset.sequences, device=self.device,
-                                     autocast_dtype=autocast, adaptive=self._adaptive(rc))
+                                     autocast_dtype=autocast, adaptive=self._adaptive(rc),
+                                     pad_to=rc.schedule.micro_batch_tokens if static else 0)
         p = rc.parallel
-        self._lockstep = self.ctx.dp > 1 and (p.zero_stage == 3 or self.ctx.pp > 1)
-        # ZeRO 1/2: parameters stay gathered from the first forward to the step's gradient
-        # reduction, so micro-batches issue no collectives and ranks need not keep step.
-        self._hold_unsharded = self.ctx.dp > 1 and self.ctx.pp == 1 and p.zero_stage in (1, 2)
+        dp = self.ctx.dp > 1
+        self._per_step = dp and self.ctx.pp == 1 and p.reduce_per_step(rc.schedule.policy)
+        # Sharded parameters are gathered, and gradients reduced, per micro-batch; pipeline
+        # peers exchange per micro-batch: every data-parallel rank must run as many.
+        self._lockstep = dp and (p.zero_stage == 3 or self.ctx.pp > 1 or not self._per_step)
+        # ZeRO 1/2 reducing once per step: parameters stay gathered from the first forward to
+        # the step's gradient reduction, so micro-batches issue no collectives and ranks need
+        # not keep step (at the memory cost of unsharded parameters for the whole step).
+        self._hold_unsharded = self._per_step and p.zero_stage in (1, 2)
+        self.time_compute = time_compute
         self.step_count = 0
 
     def _adaptive(self, rc: RunConfig) -> AdaptiveCheckpointing | None:
@@ -183,33 +206,33 @@ class Trainer:
         ids, plans, sched_s = self.next_plans(batch_ids)
         return ids, plans[self.ctx.dp_rank], sched_s
 
-    def _forward_backward(self, plan: StepPlan, ids: np.ndarray, targets: int) -> float:
+    def _forward_backward(self, plan: StepPlan, ids: np.ndarray, targets: int) -> torch.Tensor:
         scale = self.ctx.dp / targets  # gradient reduction averages over dp ranks
         if self.pipeline is not None:
             return self.pipeline.run(plan, self.dataset.sequences, ids, grad_scale=scale)
-        if self.ctx.dp > 1:
+        if self._per_step:
             self.model.set_requires_gradient_sync(False)
             if self._hold_unsharded:
                 self.model.set_reshard_after_backward(False)
         return self.executor.run(plan, ids, grad_scale=scale).loss_sum
 
     def _reduce_grads(self) -> None:
-        if self.pipeline is None and self.ctx.dp > 1:
+        if self._per_step:
             self.model.set_requires_gradient_sync(True)
             if self._hold_unsharded:
                 self.model.set_reshard_after_backward(True)
             self.executor.sync_pass()
 
-    def _global_loss_sum(self, local: float) -> float:
+    def _global_loss_sum(self, local: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
             return local
         import torch.distributed as dist
 
         # Counted once per data-parallel replica: by its last stage's first tp rank.
         counts = self.ctx.is_last_stage and self.ctx.tp_rank == 0
-        t = torch.tensor([local if counts else 0.0], dtype=torch.float64, device=self.device)
+        t = local.to(torch.float64) if counts else torch.zeros_like(local, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item())
+        return t
 
     @torch.no_grad()
     def evaluate(self, seqs: SequenceSet, *, micro_batch_tokens: int = 4096) -> float:
@@ -229,13 +252,13 @@ class Trainer:
         ids = np.arange(len(seqs))
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.rc.precision.dtype == "bf16" else contextlib.nullcontext())
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with autocast:
             for segments in units:
                 loss_sum, _ = self.model(materialize(MicroBatch(tuple(segments)), seqs, ids,
                                                      self.device))
-                total += float(loss_sum)
-        return total / int((seqs.lengths - 1).sum())
+                total += loss_sum
+        return float(total) / int((seqs.lengths - 1).sum())
 
     def step(self, batch_ids: np.ndarray | None = None) -> StepResult:
         """One optimizer step on the next global batch, or on ``batch_ids`` (a replay that
@@ -248,7 +271,7 @@ class Trainer:
             group["lr"] = self.rc.optimizer.lr * self._lr_scale()
         t0 = time.perf_counter()
         local_loss = self._forward_backward(plan, ids, targets)
-        if self.device.type == "cuda":
+        if self.time_compute and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_s = time.perf_counter() - t0
         self._reduce_grads()
@@ -260,10 +283,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        loss_sum = self._global_loss_sum(local_loss)
+        # The step's one read-back: loss and gradient norm together.
+        figures = torch.stack([loss_sum.to(torch.float64), grad_norm.to(torch.float64)]
+                              if grad_norm is not None else [loss_sum.to(torch.float64)]).tolist()
         return StepResult(
-            step=self.step_count, loss=self._global_loss_sum(local_loss) / targets,
+            step=self.step_count, loss=figures[0] / targets,
             tokens=int(lengths.sum()), padded_tokens=sum(p.tokens for p in plans),
             micro_batches=plan.n_micro, recomputed_tokens=plan.recomputed_tokens(),
             max_seq_len=int(lengths.max()), schedule_s=sched_s,
             model_flops=model_flops(self.dims, lengths), batch_ids=ids, compute_s=compute_s,
-            rank_flops=[plan_flops(p, self.dims) for p in plans], grad_norm=grad_norm)
+            rank_flops=[plan_flops(p, self.dims) for p in plans],
+            grad_norm=figures[1] if grad_norm is not None else None)

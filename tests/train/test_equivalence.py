@@ -15,6 +15,7 @@ from autotune.config import POLICIES, ModelDims, ScheduleConfig
 from autotune.data import MarkovSource, SequenceSet
 from autotune.data.policies import POLICY_CLASSES
 from autotune.train.model import IGNORE_INDEX, Decoder, PackedBatch
+from kernels.attention import Segments
 from autotune.train.step import StepExecutor, materialize
 
 DIMS = ModelDims(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64, vocab=64, max_seq_len=512)
@@ -51,7 +52,7 @@ def _grads(model: Decoder) -> dict[str, torch.Tensor]:
 def _alone(model: Decoder, x: np.ndarray) -> PackedBatch:
     ids = torch.from_numpy(x.astype(np.int64))
     labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
-    return PackedBatch(ids, labels, torch.arange(len(x)), (0, len(x)))
+    return PackedBatch(ids, labels, torch.arange(len(x)), Segments((0, len(x))))
 
 
 def reference_step(seqs: SequenceSet) -> tuple[float, dict[str, torch.Tensor]]:

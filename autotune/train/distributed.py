@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +13,8 @@ import torch
 
 from autotune.config import RunConfig
 
-__all__ = ["ParallelContext", "init_parallel", "results_written", "shutdown_parallel"]
+__all__ = ["ParallelContext", "fake_parallel", "init_parallel", "results_written",
+           "shutdown_parallel"]
 
 MESH_DIMS = ("pp", "dp", "tp")  # outermost to innermost, as torchtitan orders them
 
@@ -55,6 +58,10 @@ def _device(kind: str) -> torch.device:
     if kind == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
+        # "fp32" means TF32 tensor cores on GPUs (as the datasheet table and the measured
+        # ceiling do): full-precision fp32 matmuls run at ~1/15 of that on an H100.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local)
     return torch.device("cpu")
 
@@ -95,6 +102,36 @@ def init_parallel(rc: RunConfig) -> ParallelContext:
     return ParallelContext(device=device, rank=dist.get_rank(), world=world, pp=p.pp, dp=p.dp,
                            tp=p.tp, pp_rank=coords[0], dp_rank=coords[1], tp_rank=coords[2],
                            mesh=mesh)
+
+
+@contextlib.contextmanager
+def fake_parallel(rc: RunConfig, *, rank: int = 0) -> Iterator[ParallelContext]:
+    """This process as rank ``rank`` of ``rc``'s whole world, under ``FakeTensorMode`` on
+    torch's fake process group (collectives return at once, moving nothing), with a CPU
+    device mesh: a real-size model is built, sharded and stepped exactly as that rank would,
+    on a machine without its devices, and no tensor holds memory. Fake tensors are on the
+    CPU: torch's CPU build cannot run autograd over fake CUDA tensors (its engine asks for a
+    CUDA device guard), and the GPU kernels' fake implementations give the same shapes on
+    either device. Tears the group down afterwards."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    p = rc.parallel
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process")
+    dist.init_process_group("fake", rank=rank, world_size=p.world_size, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (p.pp, p.dp, p.tp), mesh_dim_names=MESH_DIMS)
+        coords = mesh.get_coordinate()
+        # Meta tensors (the model before to_empty) become fake ones on entry.
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield ParallelContext(device=torch.device("cpu"), rank=rank, world=p.world_size,
+                                  pp=p.pp, dp=p.dp, tp=p.tp, pp_rank=coords[0],
+                                  dp_rank=coords[1], tp_rank=coords[2], mesh=mesh)
+    finally:
+        dist.destroy_process_group()
 
 
 def results_written(ctx: ParallelContext) -> None:

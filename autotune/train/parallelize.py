@@ -112,18 +112,23 @@ def build_model(rc: RunConfig, ctx: Any, dims: ModelDims | None = None
                 ) -> tuple[Decoder, nn.Module]:
     """This rank's decoder (steps 0-6) and the module to train: the decoder itself, or its
     pipeline stage wrapped for the schedule."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from autotune.train.pipeline import StageModule
 
     dims = dims or rc.workload.model.resolve()
-    with torch.device("meta"):
+    # Steps 0-5 allocate nothing (meta tensors); under FakeTensorMode they run outside it,
+    # since the device mesh's own bookkeeping (index tensors, nonzero) must stay real.
+    with unset_fake_temporarily(), torch.device("meta"):
         decoder = Decoder(dims, attention=rc.kernels.attention, loss=rc.kernels.loss,
                           norm=rc.kernels.norm,
                           checkpoint_layers=rc.checkpointing.checkpointed_layers(dims.layers))
     model: nn.Module = decoder
-    if ctx.pp > 1:
-        split_pipeline_stage(decoder, stage=ctx.pp_rank, stages=ctx.pp)
-        model = StageModule(decoder)
-    parallelize(model, rc, ctx)
+    with unset_fake_temporarily():
+        if ctx.pp > 1:
+            split_pipeline_stage(decoder, stage=ctx.pp_rank, stages=ctx.pp)
+            model = StageModule(decoder)
+        parallelize(model, rc, ctx)
     model.to_empty(device=ctx.device)
     decoder.reset_parameters(rc.seed)
     return decoder, model

@@ -31,7 +31,7 @@ from autotune.train.parallelize import build_model
 from autotune.train.pipeline import PipelineRunner
 from autotune.train.step import StepExecutor, materialize
 
-__all__ = ["StepResult", "Trainer", "clip_grad_norm", "make_optimizer"]
+__all__ = ["PendingStep", "StepResult", "Trainer", "clip_grad_norm", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,18 @@ class StepResult:
 def _copies(t: torch.Tensor, ctx: ParallelContext) -> int:
     """How many ranks hold this exact tensor: every rank of its pipeline stage for a plain
     tensor, else the stage ranks outside its mesh times its replicated mesh dims."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     stage_ranks = ctx.dp * ctx.tp
     mesh = getattr(t, "device_mesh", None)
     if mesh is None:
         return stage_ranks
     replicated = 1
-    for size, placement in zip(mesh.mesh.shape, t.placements):
-        if placement.is_replicate():
-            replicated *= size
-    return stage_ranks // mesh.size() * replicated
+    with unset_fake_temporarily():  # mesh bookkeeping, real even when the tensors are fake
+        for size, placement in zip(mesh.mesh.shape, t.placements):
+            if placement.is_replicate():
+                replicated *= size
+        return stage_ranks // mesh.size() * replicated
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
@@ -133,8 +136,10 @@ class Trainer:
         from kernels.cache import CacheMismatch
 
         try:  # a foreign or broken cache is refused here, before any step
+            # The device this process really runs on: a CUDA run planned on a CPU under
+            # FakeTensorMode has no CUDA cache to read.
             tuned.activate(tuned.KernelChooser.for_run(
-                rc.kernels, rc.precision.dtype, rc.workload.hardware.device))
+                rc.kernels, rc.precision.dtype, self.device.type))
         except CacheMismatch as exc:
             raise UserError(str(exc)) from None
         self.mixed_precision = rc.precision.dtype == "bf16" and self.ctx.dp > 1
@@ -263,6 +268,12 @@ class Trainer:
     def step(self, batch_ids: np.ndarray | None = None) -> StepResult:
         """One optimizer step on the next global batch, or on ``batch_ids`` (a replay that
         leaves the stream where it was)."""
+        return self.launch_step(batch_ids).result()
+
+    def launch_step(self, batch_ids: np.ndarray | None = None) -> PendingStep:
+        """The step's work queued on the device, nothing read back: the loss and gradient
+        norm stay device tensors until ``result()`` (under ``FakeTensorMode`` there is
+        nothing to read)."""
         ids, plans, sched_s = self.next_plans(batch_ids)
         plan = plans[self.ctx.dp_rank]
         lengths = self.dataset.lengths[ids]
@@ -283,15 +294,32 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        loss_sum = self._global_loss_sum(local_loss)
-        # The step's one read-back: loss and gradient norm together.
-        figures = torch.stack([loss_sum.to(torch.float64), grad_norm.to(torch.float64)]
-                              if grad_norm is not None else [loss_sum.to(torch.float64)]).tolist()
-        return StepResult(
-            step=self.step_count, loss=figures[0] / targets,
-            tokens=int(lengths.sum()), padded_tokens=sum(p.tokens for p in plans),
-            micro_batches=plan.n_micro, recomputed_tokens=plan.recomputed_tokens(),
-            max_seq_len=int(lengths.max()), schedule_s=sched_s,
-            model_flops=model_flops(self.dims, lengths), batch_ids=ids, compute_s=compute_s,
-            rank_flops=[plan_flops(p, self.dims) for p in plans],
-            grad_norm=figures[1] if grad_norm is not None else None)
+        return PendingStep(
+            loss_sum=self._global_loss_sum(local_loss), grad_norm=grad_norm, targets=targets,
+            host=StepResult(
+                step=self.step_count, loss=float("nan"),
+                tokens=int(lengths.sum()), padded_tokens=sum(p.tokens for p in plans),
+                micro_batches=plan.n_micro, recomputed_tokens=plan.recomputed_tokens(),
+                max_seq_len=int(lengths.max()), schedule_s=sched_s,
+                model_flops=model_flops(self.dims, lengths), batch_ids=ids, compute_s=compute_s,
+                rank_flops=[plan_flops(p, self.dims) for p in plans]))
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its device-side figures, and everything known on the host."""
+
+    loss_sum: torch.Tensor  # summed over the global batch's targets, on every rank
+    grad_norm: torch.Tensor | None
+    targets: int
+    host: StepResult
+
+    def result(self) -> StepResult:
+        """The step's one read-back from the device: loss and gradient norm together."""
+        parts = [self.loss_sum.to(torch.float64)]
+        if self.grad_norm is not None:
+            parts.append(self.grad_norm.to(torch.float64))
+        figures = torch.stack(parts).tolist()
+        self.host.loss = figures[0] / self.targets
+        self.host.grad_norm = figures[1] if self.grad_norm is not None else None
+        return self.host

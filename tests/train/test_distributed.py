@@ -57,13 +57,13 @@ def _single(cfg: dict) -> tuple[list[float], list[float], dict[str, np.ndarray]]
     return [r.loss for r in results], [r.grad_norm for r in results], params
 
 
-def _torchrun(cfg: dict, tmp: Path) -> tuple[list[float], list[float],
-                                              list[dict[str, np.ndarray]]]:
+def _torchrun(cfg: dict, tmp: Path, steps: int = STEPS
+             ) -> tuple[list[float], list[float], list[dict[str, np.ndarray]]]:
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rc = RunConfig.model_validate(cfg)
     argv = Launch.for_config(rc).argv("autotune.train.worker", [
-        str(path), "--mode", "train", "--steps", str(STEPS), "--out", str(tmp / "summary.json"),
+        str(path), "--mode", "train", "--steps", str(steps), "--out", str(tmp / "summary.json"),
         "--dump-params", str(tmp / "params")])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,6 +141,26 @@ def test_bf16_mixed_precision_matches_one_bf16_process(case: str, tmp_path: Path
         for name, value in params.items():
             np.testing.assert_allclose(value, ref_params[name], rtol=0, atol=BF16_PARAM_ATOL,
                                        err_msg=f"{case}: {name}")
+
+
+def test_initial_weights_do_not_depend_on_the_layout(tmp_path: Path) -> None:
+    """Built on the meta device and initialised per shard, a tensor- and data-parallel
+    (ZeRO 3) model starts from exactly the single process's weights: bit for bit."""
+    cfg = _config({"dp": 2, "tp": 2, "zero_stage": 3})
+    single = json.loads(json.dumps(cfg))
+    single["parallel"], single["workload"]["hardware"] = {}, {"devices_per_node": 1}
+    ref = {n: p.detach().numpy() for n, p in
+           Trainer(RunConfig.model_validate(single)).model.named_parameters()}
+    _, _, ranks = _torchrun(cfg, tmp_path, steps=0)
+    assert len(ranks) == 4
+    for params in ranks:
+        assert set(params) == set(ref)
+        for name, value in params.items():
+            np.testing.assert_array_equal(value, ref[name], err_msg=name)
+    other = json.loads(json.dumps(single))
+    other["seed"] = 1
+    assert not np.array_equal(ref["layers.0.attention.wq.weight"], Trainer(
+        RunConfig.model_validate(other)).model.layers["0"].attention.wq.weight.detach().numpy())
 
 
 def cfg_clip(cfg: dict) -> float:

@@ -54,6 +54,8 @@ def live_knobs(rc: RunConfig) -> dict[str, Any]:
     knobs |= {f"parallel.{d}": getattr(p, d) for d in ("dp", "tp", "pp", "cp")}
     if p.dp > 1:
         knobs |= {"schedule.rank_split": s.rank_split, "parallel.zero_stage": p.zero_stage}
+        if p.grad_reduce != "auto":  # auto is what trainers do by default
+            knobs["parallel.grad_reduce"] = p.grad_reduce
     if p.pp > 1:
         knobs["parallel.pp_schedule"] = p.pp_schedule
     knobs["checkpointing.policy"] = ck.policy
@@ -65,6 +67,8 @@ def live_knobs(rc: RunConfig) -> dict[str, Any]:
     if k.configs:
         knobs["kernels.configs"] = k.configs
     knobs["precision.dtype"] = rc.precision.dtype
+    if rc.compile != "none":
+        knobs["compile"] = rc.compile
     knobs |= {f"optimizer.{n}": getattr(o, n) for n in type(o).model_fields}
     knobs["seed"] = rc.seed
     return knobs

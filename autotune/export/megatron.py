@@ -11,7 +11,8 @@ from autotune.export._facts import Facts, global_batch_note, rows_of_tokens
 
 __all__ = ["Megatron"]
 
-_ATTENTION_BACKEND = {"eager": "unfused", "sdpa": "auto", "blocked": "flash", "triton": "flash"}
+_ATTENTION_BACKEND = {"eager": "unfused", "sdpa": "auto", "blocked": "flash", "triton": "flash",
+                      "varlen": "flash", "flex": "flash"}
 
 
 def _model_args(dims: ModelDims) -> list[str]:

@@ -29,11 +29,14 @@ def _toml_value(value: Any) -> str:
         return "inf" if value == float("inf") else repr(value)
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def toml_text(sections: dict[str, dict[str, Any]]) -> str:
-    """TOML of flat tables of scalars: all a job config needs, without a writer package."""
+    """TOML of flat tables of scalars and lists: all a job config needs, without a writer
+    package."""
     out = []
     for name, table in sections.items():
         out.append(f"[{name}]")
@@ -78,6 +81,9 @@ class Torchtitan(Exporter):
             "activation_checkpoint": self._checkpoint(rc, facts, m),
             "debug": {"seed": rc.seed},
         }
+        if rc.compile == "blocks":  # torchtitan compiles each transformer block too
+            sections["compile"] = {"enable": True, "components": ["model"]}
+            m.carry("compile")
         m.carry("optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.weight_decay",
                 "optimizer.warmup_steps")
         head = [f"# torchtitan {TORCHTITAN_VERSION}.x job config: --job.config_file FILE.",

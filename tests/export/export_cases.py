@@ -51,6 +51,10 @@ CASES: dict[str, dict[str, Any]] = {
         parallel={"dp": 4, "zero_stage": 2}, precision={"dtype": "bf16"},
         checkpointing={"policy": "adaptive", "memory_budget_gb": 20.0},
         kernels={"attention": "blocked"}),
+    "pack-dp2-zero2-step-compile-varlen": _rc(
+        devices=2, schedule={"policy": "pack", "micro_batch_tokens": 1024},
+        parallel={"dp": 2, "zero_stage": 2, "grad_reduce": "step"}, precision={"dtype": "bf16"},
+        kernels={"attention": "varlen"}, compile="blocks"),
 }
 
 

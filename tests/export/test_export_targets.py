@@ -285,6 +285,9 @@ def test_torchtitan_reads_the_config(case: str, tmp_path: Path) -> None:
     assert (job.optimizer.lr, job.optimizer.beta2, job.debug.seed) == (
         rc.optimizer.lr, rc.optimizer.beta2, rc.seed)
     assert t.mixed_precision_param == ("bfloat16" if rc.precision.dtype == "bf16" else "float32")
+    assert job.compile.enable == (rc.compile == "blocks")
+    if rc.compile == "blocks":
+        assert job.compile.components == ["model"]
     # torchtitan's own batch rule (train.py): whole local batches on every dp rank.
     assert t.global_batch_size % (t.local_batch_size * p.dp) == 0
     # The overrides in the header name the same settings: parsed alone, they give them too.

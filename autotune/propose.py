@@ -43,7 +43,8 @@ class SpaceEncoding:
             self.choices |= {"policy": list(space.policy), "layout": [
                 f"dp{dp}-tp{tp}-pp{pp}-cp{cp}" for dp, tp, pp, cp in space.parallel_layouts(workload)],
                 "checkpointing": list(space.checkpointing), "attention": list(space.attention),
-                "dtype": list(space.dtype), "zero_stage": list(space.zero_stage)}
+                "dtype": list(space.dtype), "zero_stage": list(space.zero_stage),
+                "compile": list(space.compile)}
             for k in ("micro_batch_size", "micro_batch_tokens", "chunk_size", "chunkflow_k"):
                 self.choices[k] = list(getattr(space, k))
         for values in self.choices.values():
@@ -60,7 +61,7 @@ class SpaceEncoding:
                **{k: getattr(rc.schedule, k) for k in SearchSpace._policy_knobs(rc.schedule.policy)},
                "layout": f"dp{p.dp}-tp{p.tp}-pp{p.pp}-cp{p.cp}",
                "checkpointing": rc.checkpointing.policy, "attention": rc.kernels.attention,
-               "dtype": rc.precision.dtype}
+               "dtype": rc.precision.dtype, "compile": rc.compile}
         if p.dp > 1:
             out["zero_stage"] = p.zero_stage
         return out
@@ -70,7 +71,7 @@ class SpaceEncoding:
         params = {"policy": policy}
         for k in SearchSpace._policy_knobs(policy):
             params[k] = trial.suggest_categorical(k, self.choices[k])
-        for k in ("layout", "checkpointing", "attention", "dtype"):
+        for k in ("layout", "checkpointing", "attention", "dtype", "compile"):
             params[k] = trial.suggest_categorical(k, self.choices[k])
         if not params["layout"].startswith("dp1-") and "zero_stage" in self.choices:
             params["zero_stage"] = trial.suggest_categorical("zero_stage", self.choices["zero_stage"])
@@ -91,7 +92,7 @@ class SpaceEncoding:
                              "zero_stage": params.get("zero_stage", 0)},
                 "checkpointing": {"policy": params["checkpointing"]},
                 "kernels": {"attention": params["attention"]},
-                "precision": {"dtype": params["dtype"]}})
+                "precision": {"dtype": params["dtype"]}, "compile": params["compile"]})
         except ValueError:
             return None
 

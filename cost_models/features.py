@@ -32,7 +32,7 @@ _DIMS = {
 _PASS = {"fwd": 0, "bwd": 1, "step": 2}
 _DTYPE = {"fp32": 0, "bf16": 1}
 _NORM_OPS = ("rms_norm", "rope", "swiglu", "add")
-_IMPL = {"sdpa": 0, "eager": 1, "blocked": 2, "triton": 3}
+_IMPL = {"sdpa": 0, "eager": 1, "blocked": 2, "triton": 3, "varlen": 4, "flex": 5}
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,14 @@ class SearchSpace(BaseModel):
     zero_stage: list[int] = Field(default_factory=lambda: [0])
     checkpointing: list[str] = Field(default_factory=lambda: ["none", "selective", "full"])
     # Kernel choices (see KernelsConfig); a config of each comes from the tuning cache.
-    attention: list[Literal["sdpa", "eager", "blocked", "triton"]] = Field(
+    attention: list[Literal["sdpa", "eager", "blocked", "triton", "varlen", "flex"]] = Field(
         default_factory=lambda: ["sdpa"])
     loss: list[Literal["full", "fused"]] = Field(default_factory=lambda: ["full"])
     norm: list[Literal["torch", "fused"]] = Field(default_factory=lambda: ["torch"])
     dtype: list[str] = Field(default_factory=lambda: ["fp32"])
+    # torch.compile per block (RunConfig.compile); "none" only by default, since compiling
+    # costs each measured trial its compile time (seconds to a minute).
+    compile: list[Literal["none", "blocks"]] = Field(default_factory=lambda: ["none"])
     # Parallel degrees to try; None: every degree the device count and the model allow.
     tp: list[PositiveInt] | None = None
     pp: list[PositiveInt] | None = None
@@ -72,7 +75,7 @@ class SearchSpace(BaseModel):
             "policy": s.policy, **{k: getattr(s, k) for k in self._policy_knobs(s.policy)},
             "checkpointing": rc.checkpointing.policy,
             "attention": rc.kernels.attention, "loss": rc.kernels.loss,
-            "norm": rc.kernels.norm, "dtype": rc.precision.dtype,
+            "norm": rc.kernels.norm, "dtype": rc.precision.dtype, "compile": rc.compile,
         }
         for k in ("tp", "pp", "cp"):
             if getattr(self, k) is not None:
@@ -96,16 +99,16 @@ class SearchSpace(BaseModel):
                     # Without data parallelism there is nothing to shard: every stage is
                     # the same run, spelled once as stage 0.
                     zeros = self.zero_stage if layout[0] > 1 else [0]
-                    for zero, ckpt, attn, loss, norm, dtype in itertools.product(
+                    for zero, ckpt, attn, loss, norm, dtype, comp in itertools.product(
                             zeros, self.checkpointing, self.attention, self.loss, self.norm,
-                            self.dtype):
+                            self.dtype, self.compile):
                         data = {
                             "workload": workload, "schedule": sched,
                             "parallel": dict(zip(("dp", "tp", "pp", "cp"), layout, strict=True),
                                              zero_stage=zero),
                             "checkpointing": {"policy": ckpt},
                             "kernels": {"attention": attn, "loss": loss, "norm": norm},
-                            "precision": {"dtype": dtype},
+                            "precision": {"dtype": dtype}, "compile": comp,
                         }
                         try:
                             yield RunConfig.model_validate(data)

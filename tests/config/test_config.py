@@ -11,6 +11,7 @@ import yaml
 from autotune.config import (
     MODEL_PRESETS,
     ModelSpec,
+    ParallelConfig,
     RunConfig,
     SearchSpace,
     Workload,
@@ -217,3 +218,53 @@ def test_kernel_choices_are_knobs_of_the_space() -> None:
     assert "loss='fused' is not among the choices ['full']" in one.violations(fused)
     with pytest.raises(ValueError, match="loss"):
         SearchSpace(loss=["chunked"])
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"kernels": {"attention": "varlen"}, "precision": {"dtype": "bf16"}},
+     "kernels.attention=varlen needs device cuda"),
+    ({"kernels": {"attention": "flex"}}, "kernels.attention=flex needs device cuda"),
+    ({"workload": {"hardware": {"device": "cuda"}}, "kernels": {"attention": "varlen"}},
+     "runs in 16-bit only"),
+    ({"compile": "blocks", "kernels": {"norm": "fused"}}, "the compiler fuses the norm itself"),
+    ({"workload": {"hardware": {"devices_per_node": 2}}, "parallel": {
+        "dp": 2, "zero_stage": 2, "grad_reduce": "micro_batch"}},
+     "grad_reduce=micro_batch with dp > 1 cannot run chunkflow"),
+    ({"compile": "all"}, "compile"),
+])
+def test_gpu_knobs_are_refused_where_they_cannot_run(edit: dict, expected: str) -> None:
+    def merge(into: dict, edit: dict) -> None:
+        for key, value in edit.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    data = yaml.safe_load(CONTRACT)
+    merge(data, edit)
+    with pytest.raises(ValueError, match=expected):
+        RunConfig.model_validate(data)
+
+
+@pytest.mark.parametrize("zero, policy, knob, per_step", [
+    (0, "pack", "auto", True),  # DDP: accumulate locally, all-reduce once
+    (2, "pack", "auto", False),  # ZeRO 2/3: reduce-scatter each micro-batch, grads sharded
+    (3, "skrull", "auto", False),
+    (2, "chunkflow", "auto", True),  # chunk groups' backward passes differ per rank
+    (3, "pack", "step", True),
+    (0, "pack", "micro_batch", False),
+])
+def test_grad_reduce_auto_picks_per_zero_stage_and_policy(zero: int, policy: str, knob: str,
+                                                          per_step: bool) -> None:
+    p = ParallelConfig(dp=2, zero_stage=zero, grad_reduce=knob)
+    assert p.reduce_per_step(policy) is per_step
+
+
+def test_compile_is_a_knob_of_the_space() -> None:
+    wl = Workload.model_validate({"hardware": {"devices_per_node": 1}})
+    one = SearchSpace(policy=["pack"], micro_batch_tokens=[1024], checkpointing=["none"])
+    both = one.model_copy(update={"compile": ["none", "blocks"]})
+    grid = list(both.grid(wl))
+    assert sorted(rc.compile for rc in grid) == ["blocks", "none"]
+    compiled = next(rc for rc in grid if rc.compile == "blocks")
+    assert "compile='blocks' is not among the choices ['none']" in one.violations(compiled)

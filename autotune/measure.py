@@ -48,7 +48,9 @@ def measure(rc: RunConfig, *, steps: int = 5, warmup: int = 1,
     """
     kind = rc.workload.hardware.device
     launch = launch or Launch.for_config(rc)
-    # Measured here, before the trial's clock starts; the ranks read the stored figure.
+    # Stored before the trial's clock starts (a GPU's by a child process: this one opens no
+    # CUDA context), so the ranks read it; CPU ranks that run fewer threads than this
+    # process measure their own, once.
     matmul_ceiling(rc.precision.dtype, kind)
     with tempfile.TemporaryDirectory(prefix="autotune-measure-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)

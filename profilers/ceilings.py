@@ -1,12 +1,19 @@
 """Hardware ceilings: the matmul FLOP/s and the memory copy bandwidth this machine really
 reaches, each measured once per fingerprint and stored; and the datasheet figures of common
 accelerators, for MFU and bandwidth utilization against the vendor's numbers.
+
+A CPU's figures are measured in the calling process. A GPU's are measured by a child process
+(``python -m profilers.ceilings``) that stores them, and the caller reads the stored figure:
+the ``autotune`` process must not open a CUDA context, which would hold memory on GPU 0 for
+the whole run and leave rank 0 less than its peers.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -16,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from profilers.fingerprint import current_fingerprint
-from profilers.records import Fingerprint
+from profilers.fingerprint import current_fingerprint, threads_tag
+from profilers.records import Fingerprint, Status
 from profilers.store import atomic_write_text
 from profilers.timer import StepTimer, summarize
 
@@ -29,6 +36,7 @@ __all__ = [
     "Bandwidth",
     "BandwidthStore",
     "Ceiling",
+    "CeilingError",
     "CeilingStore",
     "copy_bandwidth",
     "datasheet",
@@ -51,6 +59,13 @@ _WARMUP_RUNS = {"cpu": 1, "cuda": 2}
 # Runs per timed batch: a median needs at least three, and on CUDA each batch ends with one
 # synchronize so that wall-clock progress reflects work done rather than work queued.
 _BATCH_RUNS = 3
+# A GPU's ceiling child: CUDA start-up, cuBLAS autotuning and a few seconds of timed runs.
+_CHILD_TIMEOUT_S = 600.0
+
+
+class CeilingError(RuntimeError):
+    """A GPU's ceiling could not be measured (its child process failed); the message is one
+    line that says where the child's log is and how to see why."""
 
 
 class Ceiling(BaseModel):
@@ -65,6 +80,8 @@ class Ceiling(BaseModel):
     samples_s: list[float] = Field(min_length=1, description="every timed run at that size")
     method: str
     fingerprint_key: str
+    threads: int | None = Field(default=None, ge=1, description="torch threads of the measuring "
+                                "process on a CPU, whose speed depends on them; None on a GPU")
 
 
 def measure_matmul_ceiling(
@@ -92,7 +109,7 @@ def measure_matmul_ceiling(
         max_run_s: longest predicted single run of a size still tried.
 
     Returns:
-        The Ceiling, keyed by the current fingerprint.
+        The Ceiling, keyed by the current fingerprint (and, on a CPU, the thread count).
     """
     import torch
 
@@ -119,7 +136,15 @@ def measure_matmul_ceiling(
         samples_s=samples,
         method=_describe(dtype, device_kind, best, len(samples), sizes, list(results)),
         fingerprint_key=fp.key(),
+        threads=_cpu_threads(device_kind),
     )
+
+
+def _cpu_threads(device_kind: str) -> int | None:
+    """torch's thread count where it sets the speed (a CPU), None on a GPU."""
+    import torch
+
+    return torch.get_num_threads() if device_kind == "cpu" else None
 
 
 def _check_dtype(dtype: str) -> None:
@@ -175,8 +200,9 @@ def _describe(
     skipped = ", ".join(str(n) for n in sizes if n not in tried)
     note = f"; skipped as too slow: {skipped}" if skipped else ""
     warmup = _WARMUP_RUNS[device_kind]
+    threads = f", {torch.get_num_threads()} threads" if device_kind == "cpu" else ""
     return (
-        f"square matmul n={best} {dtype}{precision} on {device_kind}, median of {runs} timed runs "
+        f"square matmul n={best} {dtype}{precision} on {device_kind}{threads}, median of {runs} timed runs "
         f"after {warmup} warm-up runs, best over n in {', '.join(map(str, tried))}{note}"
     )
 
@@ -187,6 +213,10 @@ _StoreFile = TypeAdapter(dict[str, dict[str, Ceiling]])
 class CeilingStore:
     """Ceilings on disk: ``root/ceilings.json`` maps fingerprint key -> dtype -> Ceiling.
 
+    A CPU ceiling measured at another torch thread count than one per CPU has its dtype
+    tagged with the count (``fp32@1threads``, see ``threads_tag``): ranks sharing a host run
+    fewer threads each, and their MFU is over what one of them reaches.
+
     Every write replaces the file atomically, so processes racing on it never leave a torn
     file; the last writer wins, which at worst costs one re-measurement.
     """
@@ -194,14 +224,16 @@ class CeilingStore:
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / "ceilings.json"
 
-    def get(self, fp: Fingerprint, dtype: str) -> Ceiling | None:
-        """The ceiling stored for exactly this fingerprint and dtype, or None."""
-        return self._load().get(fp.key(), {}).get(dtype)
+    def get(self, fp: Fingerprint, dtype: str, *, threads: int | None = None) -> Ceiling | None:
+        """The ceiling stored for exactly this fingerprint, dtype and thread count, or None."""
+        return self._load().get(fp.key(), {}).get(dtype + threads_tag(threads))
 
     def put(self, ceiling: Ceiling) -> None:
-        """Store ``ceiling`` under its own fingerprint key, replacing any for that dtype."""
+        """Store ``ceiling`` under its own fingerprint key, replacing any for that dtype (and
+        thread count)."""
         data = self._load()
-        data.setdefault(ceiling.fingerprint_key, {})[ceiling.dtype] = ceiling
+        slot = ceiling.dtype + threads_tag(ceiling.threads)
+        data.setdefault(ceiling.fingerprint_key, {})[slot] = ceiling
         atomic_write_text(self.path, _StoreFile.dump_json(data, indent=2).decode("utf-8") + "\n")
 
     def _load(self) -> dict[str, dict[str, Ceiling]]:
@@ -228,24 +260,61 @@ def matmul_ceiling(
 ) -> Ceiling:
     """The stored matmul ceiling for this machine, measured and stored first if absent.
 
+    A CPU ceiling is measured in this process, at its torch thread count; a GPU's by a child
+    process, so that this one never opens a CUDA context.
+
     Args:
         dtype: ``"fp32"`` or ``"bf16"``.
         device_kind: ``"cpu"`` or ``"cuda"``.
         cache_dir: where ``ceilings.json`` lives; default ``$AUTOTUNE_CACHE_DIR`` or
             ``~/.cache/autotune``.
 
+    Raises:
+        CeilingError: a GPU's ceiling was missing and its child failed to measure it.
+
     Example:
         >>> matmul_ceiling("fp32").flops_per_s  # doctest: +SKIP
         7.5e10
     """
     _check_dtype(dtype)
-    store = CeilingStore(cache_dir if cache_dir is not None else _default_cache_dir())
-    cached = store.get(current_fingerprint(device_kind), dtype)
+    root = cache_dir if cache_dir is not None else _default_cache_dir()
+    store = CeilingStore(root)
+    fp = current_fingerprint(device_kind)
+    cached = store.get(fp, dtype, threads=_cpu_threads(device_kind))
     if cached is not None:
         return cached
+    if device_kind == "cuda":
+        _measure_in_child(["matmul", "--dtype", dtype], root, f"{dtype} matmul ceiling")
+        return _stored(store.get(fp, dtype), fp, store.path)
     ceiling = measure_matmul_ceiling(dtype, device_kind)
     store.put(ceiling)
     return ceiling
+
+
+def _measure_in_child(what_args: list[str], root: Path, what: str) -> None:
+    """Measure a GPU figure in ``python -m profilers.ceilings``, which stores it in ``root``."""
+    from profilers.isolation import run_isolated
+
+    args = ["-m", "profilers.ceilings", *what_args, "--device", "cuda", "--cache-dir", str(root)]
+    log = Path(root) / "ceilings-child.log"
+    # profilers/__init__ imports this module before runpy runs it as __main__; runpy's warning
+    # about that is harmless here (nothing compares the two copies' classes).
+    run = run_isolated([sys.executable, "-W", "ignore::RuntimeWarning:runpy", *args],
+                       timeout_s=_CHILD_TIMEOUT_S, mem_cap_bytes=None, log_path=log)
+    if run.status is not Status.COMPLETE:
+        command = " ".join(["python", *args])
+        raise CeilingError(f"measuring the GPU's {what} in a child process failed "
+                           f"({run.status.value}: {run.reason}); see {log}, or run `{command}` "
+                           f"to see why")
+
+
+def _stored(figure: Any, fp: Fingerprint, path: Path) -> Any:
+    """What a child stored, or one line saying it stored nothing for this fingerprint."""
+    if figure is None:
+        raise CeilingError(f"the ceiling child exited without storing a figure for fingerprint "
+                           f"{fp.key()} in {path} (it saw another environment?); see "
+                           f"{path.parent / 'ceilings-child.log'}")
+    return figure
 
 
 def _default_cache_dir() -> Path:
@@ -265,6 +334,8 @@ class Bandwidth(BaseModel):
     samples_s: list[float] = Field(min_length=1, description="every timed copy")
     method: str
     fingerprint_key: str
+    threads: int | None = Field(default=None, ge=1, description="torch threads of the measuring "
+                                "process on a CPU; None on a GPU")
 
 
 def measure_copy_bandwidth(
@@ -314,6 +385,7 @@ def measure_copy_bandwidth(
         samples_s=samples,
         method=method,
         fingerprint_key=fp.key(),
+        threads=_cpu_threads(device_kind),
     )
 
 
@@ -323,7 +395,9 @@ _BandwidthFile = TypeAdapter(dict[str, Bandwidth])
 class BandwidthStore:
     """Copy bandwidths on disk: ``root/bandwidth.json`` maps fingerprint key -> Bandwidth.
 
-    Written atomically like CeilingStore, and beside it in the same cache folder.
+    Written atomically like CeilingStore, and beside it in the same cache folder. Unlike a
+    ceiling, a bandwidth is not kept per thread count: only the driver measures and reads it
+    (for the roofline prior), always at its own thread count; the record names that count.
     """
 
     def __init__(self, root: Path) -> None:
@@ -347,19 +421,30 @@ def copy_bandwidth(
 ) -> Bandwidth:
     """The stored copy bandwidth of this machine, measured and stored first if absent.
 
+    A CPU's is measured in this process; a GPU's by a child process, as ``matmul_ceiling``
+    measures a GPU's ceiling.
+
     Args:
         device_kind: ``"cpu"`` or ``"cuda"``.
         cache_dir: where ``bandwidth.json`` lives; default ``$AUTOTUNE_CACHE_DIR`` or
             ``~/.cache/autotune``.
 
+    Raises:
+        CeilingError: a GPU's bandwidth was missing and its child failed to measure it.
+
     Example:
         >>> copy_bandwidth("cpu").bytes_per_s  # doctest: +SKIP
         1.9e10
     """
-    store = BandwidthStore(cache_dir if cache_dir is not None else _default_cache_dir())
-    cached = store.get(current_fingerprint(device_kind))
+    root = cache_dir if cache_dir is not None else _default_cache_dir()
+    store = BandwidthStore(root)
+    fp = current_fingerprint(device_kind)
+    cached = store.get(fp)
     if cached is not None:
         return cached
+    if device_kind == "cuda":
+        _measure_in_child(["copy"], root, "copy bandwidth")
+        return _stored(store.get(fp), fp, store.path)
     bandwidth = measure_copy_bandwidth(device_kind)
     store.put(bandwidth)
     return bandwidth
@@ -477,3 +562,35 @@ def datasheet_peak(device_name: str, dtype: str) -> float | None:
     _check_dtype(dtype)
     row = datasheet(device_name)
     return row.peak_flops(dtype) if row is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m profilers.ceilings matmul --dtype fp32 | copy [--device cuda]``: measure one
+    figure in this process and store it (the child ``matmul_ceiling`` and ``copy_bandwidth``
+    start for a GPU)."""
+    p = argparse.ArgumentParser(prog="python -m profilers.ceilings")
+    p.add_argument("what", choices=("matmul", "copy"))
+    p.add_argument("--dtype", choices=_DTYPES, default="fp32", help="matmul only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--cache-dir", type=Path, help="default $AUTOTUNE_CACHE_DIR or ~/.cache/autotune")
+    args = p.parse_args(argv)
+    root = args.cache_dir if args.cache_dir is not None else _default_cache_dir()
+    if args.device == "cuda":
+        import torch
+
+        # As the ranks run fp32 (autotune.train.distributed): on TF32 tensor cores, which the
+        # datasheet's fp32 figure also means.
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.what == "matmul":
+        ceiling = measure_matmul_ceiling(args.dtype, args.device)
+        CeilingStore(root).put(ceiling)
+        print(f"{ceiling.flops_per_s:.4g} FLOP/s: {ceiling.method}")
+    else:
+        bandwidth = measure_copy_bandwidth(args.device)
+        BandwidthStore(root).put(bandwidth)
+        print(f"{bandwidth.bytes_per_s:.4g} B/s: {bandwidth.method}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,11 @@ enough to beat timer noise) and how many samples fill the timed window; each sam
 is divided by its calls, the median is reported and every sample kept. CUDA samples are
 event pairs read after one synchronize (``profilers.timer.StepTimer``).
 
+On a CPU, a canary matmul timed before every window lets a sweep scale windows taken at
+different times to the machine's reference speed (``pool_windows``). A GPU has no canary: a
+256^3 matmul there times kernel-launch latency, not the speed the profiled ops depend on,
+and its windows are pooled as measured.
+
 Run as a module, it is the child process of a sweep (``profilers.sweep``): ``{case, window}``
 jobs in as JSON lines, ``START key/window`` and ``ROW {json}`` lines out, so that its parent
 can time each window out and attribute a crash to the case that caused it.
@@ -227,7 +232,7 @@ def _window_once(case: dict[str, Any], device_kind: str, **bench_kw: Any) -> dic
         fn = bwd if case["pass"] == "bwd" else fwd
         if fn is None:
             raise ValueError(f"{case['family']}/{case['op']} has no {case['pass']} pass")
-        canary = canary_time(device_kind)
+        canary = {"canary_s": canary_time(device_kind)} if device_kind == "cpu" else {}
         with _ForeignCPU() as foreign:
             samples, inner = bench(fn, device_kind, **bench_kw)
     except (MemoryError, torch.OutOfMemoryError) as exc:
@@ -236,7 +241,7 @@ def _window_once(case: dict[str, Any], device_kind: str, **bench_kw: Any) -> dic
         status = "OOM" if "out of memory" in str(exc) or "can't allocate" in str(exc) else "CRASHED"
         return {"status": status, "error": str(exc).splitlines()[0][:300]}
     return {"status": "COMPLETE", "samples_s": samples, "inner": inner,
-            "foreign_cpu": foreign.fraction, "canary_s": canary}
+            "foreign_cpu": foreign.fraction, **canary}
 
 
 _CANARY_N = 256
@@ -249,13 +254,16 @@ def canary_time(device_kind: str, *, min_time_s: float = 0.01) -> float:
     A shared host's speed drifts by 10-20% over seconds and minutes (neighbours, clocks),
     which no window length averages away between two sweeps an hour apart. The canary
     tracks that drift: a window's samples times (reference canary / this canary) is what
-    the case would have taken at the machine's reference speed (``pool_windows``)."""
+    the case would have taken at the machine's reference speed (``pool_windows``).
+
+    CPU only: on a GPU this matmul times launch latency, not what the profiled ops or the
+    trainer's steps depend on, so nothing on a GPU is scaled by a canary."""
     import numpy as np
     import torch
 
+    _cpu_only(device_kind)
     if device_kind not in _canary_operands:
-        device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" \
-            else torch.device("cpu")
+        device = torch.device("cpu")
         gen = torch.Generator(device=device).manual_seed(1)
         a, b = (torch.randn(_CANARY_N, _CANARY_N, generator=gen, device=device) for _ in range(2))
         _canary_operands[device_kind] = (a, b, torch.empty_like(a))
@@ -267,19 +275,31 @@ def canary_time(device_kind: str, *, min_time_s: float = 0.01) -> float:
 
 def canary_reference(device_kind: str, fingerprint_key: str, cache_dir: Path | None = None) -> float:
     """The canary's time for this machine, measured once (a longer window) and cached beside
-    the matmul ceilings, so that every sweep on the machine scales to the same reference."""
+    the matmul ceilings, so that every sweep on the machine scales to the same reference.
+    Kept per torch thread count (``threads_tag``): ranks sharing a host run fewer threads, and
+    their canary runs slower for that, not because the machine drifted. CPU only."""
+    import torch
+
     from profilers.ceilings import _default_cache_dir
+    from profilers.fingerprint import threads_tag
     from profilers.store import atomic_write_text
 
+    _cpu_only(device_kind)
+    key = fingerprint_key + threads_tag(torch.get_num_threads())
     path = (cache_dir or _default_cache_dir()) / "canary.json"
     try:
         known = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         known = {}
-    if fingerprint_key not in known:
-        known[fingerprint_key] = canary_time(device_kind, min_time_s=1.0)
+    if key not in known:
+        known[key] = canary_time(device_kind, min_time_s=1.0)
         atomic_write_text(path, json.dumps(known, indent=2) + "\n")
-    return float(known[fingerprint_key])
+    return float(known[key])
+
+
+def _cpu_only(device_kind: str) -> None:
+    if device_kind != "cpu":
+        raise ValueError(f"device_kind={device_kind!r}: the canary is timed on CPUs only")
 
 
 def window_row(case: dict[str, Any], window: int, result: dict[str, Any],
@@ -289,24 +309,28 @@ def window_row(case: dict[str, Any], window: int, result: dict[str, Any],
     import numpy as np
 
     key = case_key(case)
-    row: dict[str, Any] = {"key": f"{key}/{window}", "case": key, "window": window, **case,
-                           "canary_ref_s": canary_ref_s}
+    # No canary fields where no canary was timed (a GPU window, a failure seen by the sweep).
+    ref = {"canary_ref_s": canary_ref_s} if canary_ref_s is not None else {}
+    row: dict[str, Any] = {"key": f"{key}/{window}", "case": key, "window": window, **case, **ref}
     row["flops"], row["bytes"] = analytic_cost(case)
     if result["status"] != "COMPLETE":
         return row | {"status": result["status"], "error": result["error"], "samples_s": []}
     samples = result["samples_s"]
     q25, q50, q75 = np.percentile(samples, [25, 50, 75])
+    canary = {"canary_s": result["canary_s"]} if "canary_s" in result else {}
     return row | {"status": "COMPLETE", "error": "", "median_s": float(q50),
                   "iqr_s": float(q75 - q25), "min_s": float(min(samples)),
                   "n_samples": len(samples), "calls_per_sample": result["inner"],
                   "foreign_cpu": result["foreign_cpu"], "attempts": result["attempts"],
-                  "canary_s": result["canary_s"], "samples_s": samples}
+                  **canary, "samples_s": samples}
 
 
 def pool_windows(windows: pd.DataFrame) -> pd.DataFrame:
     """One row per case from its window records: every sample pooled, their median and
     spread, each window's median (drift between windows stays visible), the worst
-    foreign-CPU share. A case with a failed window carries that failure."""
+    foreign-CPU share. A case with a failed window carries that failure. Where every window
+    has its canary (CPU profiles), also the median at the machine's reference speed and the
+    canary ratio; a GPU case, without canary, has neither."""
     import numpy as np
     import pandas as pd
 
@@ -324,17 +348,28 @@ def pool_windows(windows: pd.DataFrame) -> pd.DataFrame:
             continue
         samples = np.concatenate([np.asarray(s, dtype=float) for s in g.samples_s])
         q25, q50, q75 = np.percentile(samples, [25, 50, 75])
-        scaled = np.concatenate([np.asarray(s, dtype=float) * ref / c
-                                 for s, c, ref in zip(g.samples_s, g.canary_s, g.canary_ref_s)])
         rows.append(row | {"status": "COMPLETE", "error": "", "median_s": float(q50),
                            "iqr_s": float(q75 - q25), "min_s": float(samples.min()),
                            "n_samples": int(samples.size), "windows": len(g),
                            "window_medians_s": g.median_s.tolist(),
                            "foreign_cpu": float(g.foreign_cpu.max()),
-                           "median_at_reference_s": float(np.median(scaled)),
-                           "canary_ratio": float(np.median(g.canary_s / g.canary_ref_s)),
-                           "samples_s": samples.tolist()})
+                           **_at_reference(g), "samples_s": samples.tolist()})
     return pd.DataFrame(rows)
+
+
+def _at_reference(g: pd.DataFrame) -> dict[str, float]:
+    """A case's median with each window scaled by its canary to the reference speed, and the
+    canary ratio; nothing where a window has no canary."""
+    import numpy as np
+    import pandas as pd
+
+    if not {"canary_s", "canary_ref_s"} <= set(g.columns) or \
+            pd.isna(g.canary_s).any() or pd.isna(g.canary_ref_s).any():
+        return {}
+    scaled = np.concatenate([np.asarray(s, dtype=float) * ref / c
+                             for s, c, ref in zip(g.samples_s, g.canary_s, g.canary_ref_s)])
+    return {"median_at_reference_s": float(np.median(scaled)),
+            "canary_ratio": float(np.median(g.canary_s / g.canary_ref_s))}
 
 
 _WINDOW_COLUMNS = {"key", "case", "window", "status", "error", "median_s", "iqr_s", "min_s",
@@ -348,7 +383,7 @@ def run_case(case: dict[str, Any], device_kind: str = "cpu", *, windows: int = 1
     import pandas as pd
 
     rows = []
-    ref = canary_time(device_kind)
+    ref = canary_time(device_kind) if device_kind == "cpu" else None
     for w in range(windows):
         rows.append(window_row(case, w, measure_window(case, device_kind, **kw), ref))
         if rows[-1]["status"] != "COMPLETE":
@@ -378,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--min-time-s", type=float, default=0.05, help="timed time per window")
     p.add_argument("--attempts", type=int, default=3)
-    p.add_argument("--canary-ref-s", type=float, help="the machine's reference canary time")
+    p.add_argument("--canary-ref-s", type=float,
+                   help="the machine's reference canary time (CPU; a GPU has no canary)")
     args = p.parse_args(argv)
     with open(args.jobs) as fh:
         jobs = [json.loads(line) for line in fh if line.strip()]

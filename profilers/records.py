@@ -38,7 +38,8 @@ class Fingerprint(BaseModel):
     device_name: str
     device_count: int = Field(ge=0)
     cpu_model: str
-    threads: int = Field(ge=1)
+    threads: int = Field(ge=1, description="CPUs the process may run on (its affinity), which "
+                         "the ranks it starts share; not torch's per-process thread count")
     torch_version: str
     cuda_version: str | None
     driver_version: str | None

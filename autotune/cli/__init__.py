@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from autotune.environment import check_kernels_package
 from autotune.errors import StorageFailure, UserError
+from profilers.ceilings import CeilingError
 
 __all__ = ["main"]
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"autotune: error: {line}", file=sys.stderr)
         return 2
-    except StorageFailure as exc:
+    except (StorageFailure, CeilingError) as exc:
         print(f"autotune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -65,9 +65,12 @@ def _peak_tensor_memory(trainer: Trainer, batch_ids: np.ndarray) -> tuple[int, d
                                 "mem_step_peak_bytes": tracker.peak_bytes - tracker.baseline_bytes}
 
 
-def _canary(ctx: ParallelContext, kind: str) -> float:
+def _canary(ctx: ParallelContext, kind: str) -> float | None:
     """The profiler's canary matmul on rank 0 while the others wait: the same yardstick the
-    op profiles are scaled by."""
+    op profiles are scaled by. None on a GPU, which has no canary (there it would time launch
+    latency, not what steps depend on)."""
+    if kind != "cpu":
+        return None
     t = canary_time(kind) if ctx.rank == 0 else 0.0
     if ctx.world > 1:
         torch.distributed.barrier()
@@ -167,8 +170,10 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
     extra |= mfu_extra | {
         # the machine's speed around the timed steps against its reference speed: what
         # scales a step to the reference speed when steps measured at different times meet
-        "canary_s": float(np.mean(canary)),
-        "canary_ref_s": canary_reference(kind, current_fingerprint(kind, __version__).key()),
+        # (CPU only: nothing on a GPU is scaled by a canary)
+        **({"canary_s": float(np.mean(canary)),
+            "canary_ref_s": canary_reference(kind, current_fingerprint(kind, __version__).key())}
+           if kind == "cpu" else {}),
         "tokens_per_step": tokens / steps,
         "padded_tokens_per_step": sum(r.padded_tokens for r in results) / steps,
         "padding_fraction": 1 - tokens / sum(r.padded_tokens for r in results),
@@ -206,7 +211,7 @@ def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: in
 
     from tqdm import tqdm
 
-    trainer = Trainer(rc, ctx=ctx)
+    trainer = Trainer(rc, ctx=ctx, time_compute=False)
     history: list[tuple[StepResult, float]] = []
     bar = tqdm(total=steps, unit="step", desc=rc.label(), disable=None if ctx.rank == 0 else True,
                leave=False, file=sys.stderr)
@@ -228,9 +233,10 @@ def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: in
     tokens = sum(r.tokens for r, _ in history)
     seconds = sum(dt for _, dt in history)
     return {"config": rc.label(), "ranks": ctx.world, "steps": len(history),
-            "final_loss": history[-1][0].loss, "losses": [r.loss for r, _ in history],
-            "grad_norms": [r.grad_norm for r, _ in history],
-            "tokens": tokens, "tokens_per_s": tokens / seconds, "wall_s": seconds}, trainer
+            "final_loss": history[-1][0].loss if history else None,
+            "losses": [r.loss for r, _ in history], "grad_norms": [r.grad_norm for r, _ in history],
+            "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
+            "wall_s": seconds}, trainer
 
 
 def dump_params(trainer: Trainer, folder: Path, ctx: ParallelContext) -> None:
@@ -258,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autotune.train.worker")
     parser.add_argument("config")
     parser.add_argument("--mode", choices=("measure", "train"), required=True)
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True,
+                        help="train: 0 builds and initialises only (with --dump-params)")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--out", help="measure: Measurement JSON; train: summary JSON")

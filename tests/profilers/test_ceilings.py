@@ -2,20 +2,26 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
+import fake_nvml
 import pytest
+import torch
 
-from profilers import ceilings
+from profilers import ceilings, isolation
 from profilers.ceilings import (
+    Bandwidth,
     Ceiling,
+    CeilingError,
     CeilingStore,
+    copy_bandwidth,
     datasheet_peak,
     matmul_ceiling,
     measure_matmul_ceiling,
 )
 from profilers.fingerprint import current_fingerprint
-from profilers.records import Fingerprint
+from profilers.records import Fingerprint, Status
 
 
 def _ceiling(fp: Fingerprint, dtype: str = "fp32", flops: float = 1e11) -> Ceiling:
@@ -135,7 +141,7 @@ def test_other_dtype_and_fingerprint_are_measured(
     assert tiny_measure == ["fp32", "bf16", "fp32"]
     stored = json.loads((tmp_path / "ceilings.json").read_text())
     assert set(stored) == {real_fp.key(), other.key()}
-    assert set(stored[real_fp.key()]) == {"fp32", "bf16"}
+    assert {c["dtype"] for c in stored[real_fp.key()].values()} == {"fp32", "bf16"}
 
 
 def test_default_cache_dir_comes_from_environment(
@@ -147,6 +153,98 @@ def test_default_cache_dir_comes_from_environment(
     monkeypatch.delenv("AUTOTUNE_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert ceilings._default_cache_dir() == tmp_path / "home" / ".cache" / "autotune"
+
+
+def test_cpu_ceiling_is_kept_per_thread_count(tmp_path: Path, tiny_measure: list[str]) -> None:
+    """Ranks sharing a host run fewer threads each; their ceiling is what such a rank reaches,
+    measured (once) apart from the full-thread one under the same fingerprint."""
+    threads = torch.get_num_threads()
+    full = matmul_ceiling("fp32", cache_dir=tmp_path)
+    assert full.threads == threads and f", {threads} threads" in full.method
+    torch.set_num_threads(threads + 1)
+    try:
+        other = matmul_ceiling("fp32", cache_dir=tmp_path)
+        assert matmul_ceiling("fp32", cache_dir=tmp_path) == other
+    finally:
+        torch.set_num_threads(threads)
+    assert tiny_measure == ["fp32", "fp32"] and other.threads == threads + 1
+    assert matmul_ceiling("fp32", cache_dir=tmp_path) == full  # stored, not measured again
+    stored = json.loads((tmp_path / "ceilings.json").read_text())
+    assert [len(by_slot) for by_slot in stored.values()] == [2]
+
+
+def test_cpu_figures_never_start_a_child(
+    tmp_path: Path, tiny_measure: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a CPU figure started a child process")
+
+    monkeypatch.setattr(isolation, "run_isolated", no_child)
+    monkeypatch.setattr(ceilings, "measure_copy_bandwidth", lambda device_kind="cpu": Bandwidth(
+        device_kind="cpu", bytes_per_s=1e10, size_bytes=2**20, samples_s=[2e-4] * 3, method="t",
+        fingerprint_key=current_fingerprint("cpu").key()))
+    assert matmul_ceiling("fp32", cache_dir=tmp_path).device_kind == "cpu"
+    assert copy_bandwidth("cpu", cache_dir=tmp_path).bytes_per_s == 1e10
+
+
+@pytest.fixture
+def gpu_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as the driver on a machine with two H100s: it may count them, but any
+    call that would create a CUDA context fails the test."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml.make())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the driver initialised CUDA")
+
+    for name in ("_lazy_init", "init", "get_device_name", "get_device_properties",
+                 "current_device", "set_device", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+
+
+def test_gpu_ceiling_is_measured_by_a_child_and_read_back(
+    tmp_path: Path, gpu_driver: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[list[str]] = []
+
+    def child(argv: list[str], **kwargs: object) -> isolation.IsolatedRun:
+        # What `python -m profilers.ceilings ARGS` does, run here with its GPU timing faked.
+        started.append(argv)
+        module = argv.index("profilers.ceilings")
+        assert argv[module - 1] == "-m" and argv[0] == sys.executable
+        ceilings.main(argv[module + 1:])
+        return isolation.IsolatedRun(Status.COMPLETE, 0, 1.0, 0, "", "")
+
+    def timed_on_gpu(dtype: str, device_kind: str = "cpu") -> Ceiling:
+        assert device_kind == "cuda"
+        return Ceiling(dtype=dtype, device_kind="cuda", flops_per_s=4e14,  # type: ignore[arg-type]
+                       size=8192, samples_s=[2.75e-3] * 3, method="timed on the GPU",
+                       fingerprint_key=current_fingerprint("cuda").key())
+
+    monkeypatch.setattr(isolation, "run_isolated", child)
+    monkeypatch.setattr(ceilings, "measure_matmul_ceiling", timed_on_gpu)
+    got = matmul_ceiling("bf16", "cuda", cache_dir=tmp_path)
+    assert (got.device_kind, got.flops_per_s, got.threads) == ("cuda", 4e14, None)
+    assert started and started[0][-6:] == ["--dtype", "bf16", "--device", "cuda",
+                                           "--cache-dir", str(tmp_path)]
+    assert matmul_ceiling("bf16", "cuda", cache_dir=tmp_path) == got
+    assert len(started) == 1  # the second call read the stored figure
+
+
+def test_failed_gpu_ceiling_child_is_one_line_naming_what_to_do(
+    tmp_path: Path, gpu_driver: None
+) -> None:
+    """The real child, on this machine without a GPU, cannot measure: the driver says so in
+    one line, with the child's log and the command that shows why."""
+    with pytest.raises(CeilingError) as info:
+        matmul_ceiling("fp32", "cuda", cache_dir=tmp_path)
+    message = str(info.value)
+    log = tmp_path / "ceilings-child.log"
+    assert "\n" not in message and "fp32 matmul ceiling" in message and str(log) in message
+    assert "python -m profilers.ceilings matmul --dtype fp32 --device cuda" in message
+    assert "torch sees no CUDA device" in log.read_text()
+    assert not (tmp_path / "ceilings.json").exists()
 
 
 @pytest.mark.parametrize(

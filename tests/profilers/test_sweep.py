@@ -85,9 +85,16 @@ def _cases(n: int) -> list[dict]:
 def test_a_case_that_kills_or_hangs_its_process_is_recorded_and_the_sweep_goes_on(
         fault: str, status: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = _cases(3)
+    # The timeout a healthy case never reaches, from this machine's own speed: a healthy
+    # case's child timed first (interpreter and torch start-up dominate, and a loaded
+    # machine slows them several-fold), with a wide margin.
+    start = time.monotonic()
+    sweep(cases[:1], ProfileStore.open(tmp_path / "probe", "fp"), min_time_s=0.02, windows=1,
+          attempts=1, progress=False)
+    timeout = max(5.0, 4 * (time.monotonic() - start))
     monkeypatch.setenv("AUTOTUNE_PROFILE_FAULT", f"{fault}:{case_key(cases[1])}")
-    store = ProfileStore.open(tmp_path, "fp")
-    report = sweep(cases, store, case_timeout_s=5, min_time_s=0.02, windows=2, attempts=1,
+    store = ProfileStore.open(tmp_path / "store", "fp")
+    report = sweep(cases, store, case_timeout_s=timeout, min_time_s=0.02, windows=2, attempts=1,
                    progress=False)
     # Round 0 meets the bad case once; round 1 leaves it out: 2 + 1 + 2 windows.
     assert report.measured == 5 and report.failed == {status: 1} and report.remaining == 0

@@ -5,7 +5,8 @@ same import name; install autotune into its own virtual environment (``make`` do
 """
 
 __all__ = [
-    "ATTENTION_IMPLS", "prefix_causal_attention", "varlen_attention", "varlen_attention_reference",
+    "ATTENTION_IMPLS", "Segments", "prefix_causal_attention", "varlen_attention",
+    "varlen_attention_reference",
 ]
 
 

@@ -15,8 +15,8 @@ from autotune.config import POLICIES, ModelDims, ScheduleConfig
 from autotune.data import MarkovSource, SequenceSet
 from autotune.data.policies import POLICY_CLASSES
 from autotune.train.model import IGNORE_INDEX, Decoder, PackedBatch
-from kernels.attention import Segments
 from autotune.train.step import StepExecutor, materialize
+from kernels.attention import Segments
 
 DIMS = ModelDims(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64, vocab=64, max_seq_len=512)
 CHUNK = 16

@@ -73,7 +73,7 @@ def measure(rc: RunConfig, *, steps: int = 5, warmup: int = 1,
         run = run_isolated(argv, timeout_s=timeout_s, mem_cap_bytes=cap, log_path=log_path,
                            env={**os.environ, **(env or {})}, poll_s=0.2)
         if out.is_file():
-            # Rank 0 writes the measurement after every timed step: a rank dying later, in
+            # Rank 0 writes the measurement once every timed step is done: a rank dying later, in
             # teardown, does not undo it; the crash is kept beside it.
             m = Measurement.model_validate_json(out.read_text())
             m.peak_rss_bytes = max(m.peak_rss_bytes or 0, run.peak_rss_bytes) or None

@@ -64,8 +64,8 @@ _CHILD_TIMEOUT_S = 600.0
 
 
 class CeilingError(RuntimeError):
-    """A GPU's ceiling could not be measured (its child process failed); the message is one
-    line that says where the child's log is and how to see why."""
+    """A ceiling or bandwidth is not to be had: a GPU's child process failed to measure it, or
+    the cache file holding them is not valid. The message is one line that says what to do."""
 
 
 class Ceiling(BaseModel):
@@ -250,7 +250,8 @@ def _load_store(path: Path, adapter: TypeAdapter[Any], what: str) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "top level"
-        raise ValueError(
+        # One line for the CLI, not a traceback: a cache another version wrote, or a torn copy.
+        raise CeilingError(
             f"{path} is not a valid {what} file ({where}: {first['msg']}); delete it to re-measure"
         ) from None
 

@@ -174,13 +174,15 @@ def run(args: argparse.Namespace) -> int:
     if args.plan_only:
         return _plan_only(args, rundir, candidates, predicted, models.calibration)
     storage = args.storage or f"sqlite:///{(rundir.path / 'study.db').resolve()}"
-    log = log or TrialLog(storage)
     if not resumed:
+        # The run folder is whole before its study exists: a run killed in between is a run
+        # directory the same command continues, never a folder it refuses.
         rundir.write_workload(wl)
         rundir.write_text("space.yaml", dump_yaml(space))
         _keep_models(models, rundir.path)
         rundir.write_text("run.json", json.dumps({"storage": storage, "models": args.models,
                                                   "replay": args.replay}, indent=2) + "\n")
+    log = log or TrialLog(storage)
     done = log.trials()
     budget = args.budget_trials or wl.budget.trials
     deadline = time.monotonic() + (args.budget_s or DEFAULT_BUDGET_S)

@@ -208,12 +208,12 @@ def test_a_trial_over_the_memory_cap_is_oom(tmp_path: Path) -> None:
 
 
 # What each of the 10 kills waits for, seeded order. The first run is killed in its start-up
-# once its run folder is whole (not sooner: a fresh run killed between creating its study and
-# writing run.json is refused by the same command, a known gap); the other nine are shuffled.
+# as soon as its study exists (a run killed there was once refused by the same command: its
+# study came before run.json); the other nine are shuffled.
 # Each event is a state that lasts once reached (a file, a record, a process of a trial that
 # cannot finish, see _hang_from), so no poll misses it and the kill lands where it was meant
 # to at any speed.
-FIRST_KILL = "run-written"
+FIRST_KILL = "study-created"
 KILLS = ["ranks-running"] * 3 + ["trial-starting"] * 2 + [
     "recorded-then-ranks", "recorded", "result-written", "study-open"]
 RECORDS = {"recorded", "recorded-then-ranks"}  # trial k is recorded before the kill
@@ -284,8 +284,8 @@ def _kill_on(event: str, argv: list[str], out: Path, k: int, faults: str, stderr
 def _await(event: str, wait: Callable[[str, Callable[[], bool]], None],
            proc: subprocess.Popen, out: Path, k: int, stale: tuple[int, int] | None) -> None:
     db, result = out / "study.db", out / "trials" / f"{k:03d}" / "metrics.json"
-    if event == "run-written":
-        wait("the run folder written (run.json)", (out / "run.json").exists)
+    if event == "study-created":
+        wait("the study created (study.db)", db.exists)
     elif event == "study-open":
         wait("the study opened by the driver", lambda: _has_open(proc, db))
     elif event == "trial-starting":

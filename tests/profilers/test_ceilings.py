@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -108,10 +109,25 @@ def test_corrupt_store_names_the_file(
 ) -> None:
     path = tmp_path / "ceilings.json"
     path.write_text(content)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(CeilingError) as info:
         CeilingStore(tmp_path).get(fingerprint, "fp32")
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_corrupt_cache_stops_a_command_in_one_line(tmp_path: Path) -> None:
+    """Not a traceback: the CLI names the file and what to do, exit 1."""
+    import subprocess
+
+    (tmp_path / "ceilings.json").write_text('{"k": {"fp32": 1.0}}')
+    done = subprocess.run([sys.executable, "-m", "autotune", "predict", "examples/chunkflow.yaml",
+                           "--models", "prior"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "AUTOTUNE_CACHE_DIR": str(tmp_path)},
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "delete it to re-measure" in lines[0], done.stderr
 
 
 def test_second_call_reuses_stored_ceiling(

@@ -13,6 +13,7 @@ from profilers import ceilings
 from profilers.ceilings import (
     Bandwidth,
     BandwidthStore,
+    CeilingError,
     copy_bandwidth,
     datasheet,
     datasheet_peak,
@@ -95,7 +96,7 @@ def test_bandwidth_store_sits_beside_the_ceilings(tmp_path: Path, fingerprint: F
 def test_corrupt_bandwidth_store_names_the_file(tmp_path: Path, fingerprint: Fingerprint) -> None:
     path = tmp_path / "bandwidth.json"
     path.write_text('{"k": {"bytes_per_s": -1}}')
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(CeilingError) as info:
         BandwidthStore(tmp_path).get(fingerprint)
     assert str(path) in str(info.value) and "bandwidth file" in str(info.value)
 

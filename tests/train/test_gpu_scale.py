@@ -70,10 +70,10 @@ def test_llama3_70b_at_world_64_builds_and_steps_under_fake_tensors() -> None:
                      "data": {"preset": "longsft", "num_sequences": 2048, "max_len": 32768},
                      "hardware": {"device": "cuda", "devices_per_node": 8, "nodes": 8,
                                   "device_name": "H100-SXM"},
-                     "budget": {"global_batch_tokens": 131072, "memory_cap_gb": 80}},
-        "schedule": {"policy": "pack", "micro_batch_tokens": 8192},
+                     "budget": {"global_batch_tokens": 65536, "memory_cap_gb": 80}},
+        "schedule": {"policy": "pack", "micro_batch_tokens": 4096},
         "parallel": {"dp": 8, "tp": 8, "zero_stage": 3},
-        "checkpointing": {"policy": "full"},
+        "checkpointing": {"policy": "selective", "fraction": 0.25},
         "kernels": {"attention": "varlen"},
         "precision": {"dtype": "bf16"},
     }

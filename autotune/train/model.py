@@ -28,7 +28,8 @@ from autotune.config import ModelDims
 from kernels.attention import Segments, attention
 from kernels.elementwise import apply_rope, rms_norm, swiglu
 
-__all__ = ["Decoder", "LayerAttention", "PackedBatch", "IGNORE_INDEX"]
+__all__ = ["Decoder", "LayerAttention", "PackedBatch", "IGNORE_INDEX",
+           "keep_attention_out_of_graph"]
 
 IGNORE_INDEX = -100
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -59,7 +60,6 @@ class LayerAttention:
     prefix: KV | None = None
 
 
-@torch.compiler.disable
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: LayerAttention,
             impl: str) -> torch.Tensor:
     # Profiler scopes name cost families for profilers/trace.py. Unprofiled, one costs
@@ -129,6 +129,9 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.dim_head
         self.impl = impl
+        # The kernel call; a compiled block swaps in the same call kept out of its graph
+        # (``keep_attention_out_of_graph``), so eager runs never import the compiler.
+        self.attend = _attend
         self.wq = nn.Linear(dims.hidden, dims.q_width, bias=dims.qkv_bias)
         self.wk = nn.Linear(dims.hidden, dims.kv_width, bias=dims.qkv_bias)
         self.wv = nn.Linear(dims.hidden, dims.kv_width, bias=dims.qkv_bias)
@@ -142,8 +145,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
         q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
-        o = _attend(q, k, v, at, self.impl)
+        o = self.attend(q, k, v, at, self.impl)
         return self.wo(o.reshape(t, -1)), (k, v)
+
+
+def keep_attention_out_of_graph(attention: Attention) -> None:
+    """For ``torch.compile``: the kernels are opaque either way, and traced, a micro-batch's
+    segment layout would become a guard that recompiles the block."""
+    attention.attend = torch.compiler.disable(_attend)
 
 
 class FeedForward(nn.Module):

@@ -28,7 +28,7 @@ from torch import nn
 
 from autotune.config import ModelDims, RunConfig
 from autotune.config._runconfig import PADDED_POLICIES
-from autotune.train.model import Decoder
+from autotune.train.model import Decoder, keep_attention_out_of_graph
 
 __all__ = ["apply_compile", "apply_data_parallel", "apply_tp", "build_model", "parallelize",
            "split_pipeline_stage"]
@@ -72,6 +72,7 @@ def apply_compile(model: nn.Module, *, dynamic: bool) -> None:
     FSDP's hooks then run around the compiled forward). Attention is excluded from the
     graph by the block itself (see ``autotune.train.model``)."""
     for block in model.layers.values():
+        keep_attention_out_of_graph(block.attention)
         block.compile(dynamic=dynamic)
 
 
@@ -79,7 +80,11 @@ def apply_data_parallel(model: Decoder, *, dp_mesh: Any, zero_stage: int,
                         param_dtype: torch.dtype | None = None) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs off: a block's activations arrive in bf16 already (the embedding
+    # and every block compute in it), while the rotary tables (cos and sin, block inputs too)
+    # should stay fp32: rounded to bf16 they would skew every rotation by up to 0.4%.
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                               cast_forward_inputs=False)
           if param_dtype is not None else MixedPrecisionPolicy())
     if zero_stage == 0:
         from torch.distributed._composable.replicate_with_fsdp import replicate

@@ -25,6 +25,7 @@ import pandas as pd
 from autotune.config import ModelDims, RunConfig
 from autotune.data import global_batches, load_dataset, make_policy
 from autotune.data.plan import ChunkGroup, StepPlan
+from autotune.errors import UserError
 from autotune.step_ops import (
     layer_ops,
     loss_op,
@@ -44,7 +45,8 @@ from cost_models.step import (
 )
 from kernels.linear_ce import workspace_bytes
 
-__all__ = ["StepPredictor", "complete_ceilings", "default_models", "prior_models"]
+__all__ = ["StepPredictor", "complete_ceilings", "datasheet_models", "default_models",
+           "prior_models"]
 
 _FAMILIES = ("gemm", "attention", "norm", "loss")
 _DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucket
@@ -407,6 +409,26 @@ class StepPredictor:
         comp["peak_mem_bytes"] = [float(self.models.memory.unit_bytes(u).max()) for u in units]
         return comp
 
+    def flops_per_token(self, rc: RunConfig) -> float:
+        """Model FLOPs per real token of ``rc``'s data, as ``train.flops.model_flops`` counts
+        a step (6 x matmul parameters, plus causal attention's term, which grows with each
+        sequence's length: sum of squares over sum of lengths)."""
+        dims = rc.workload.model.resolve()
+        dkey = rc.workload.data.model_dump_json() + rc.workload.model.model_dump_json()
+        if dkey not in self._data:
+            self._data[dkey] = load_dataset(rc.workload.data, dims)
+        s = np.asarray(self._data[dkey].lengths, dtype=np.float64)
+        return float(6.0 * dims.matmul_params()
+                     + 6.0 * dims.layers * dims.q_width * (s * s).sum() / s.sum())
+
+    def utilization(self, rc: RunConfig, tokens_per_s: float) -> dict[str, float]:
+        """Per-device throughput and MFU over the ceiling the models price with (a measured
+        matmul ceiling, or a datasheet's published peak when planning for absent GPUs)."""
+        world = rc.parallel.world_size
+        peak = self.models.ceilings.flops_per_s[rc.precision.dtype]
+        return {"world": world, "tokens_per_s_per_device": tokens_per_s / world,
+                "mfu": tokens_per_s * self.flops_per_token(rc) / (peak * world)}
+
     def predict(self, rc: RunConfig) -> StepPrediction:
         row = self.predict_many([rc]).iloc[0]
         m = self.models
@@ -431,23 +453,56 @@ def complete_ceilings(ceilings: Ceilings, device: str,
                     f"{ceilings.source}; {', '.join(missing)} matmul ceiling measured apart")
 
 
-def prior_models(device: str = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16")) -> StepModels:
-    """The analytic prior alone, on this machine's measured ceilings (cached by the
-    profilers), for planning before any profile exists."""
+def prior_models(device: str = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16"), *,
+                 device_name: str | None = None) -> StepModels:
+    """The analytic prior alone, for planning before any profile exists: on this machine's
+    measured ceilings (cached by the profilers), or, for CUDA on a machine without a GPU,
+    on the published peaks of ``device_name`` (``datasheet_models``)."""
     from autotune import __version__
     from profilers.ceilings import copy_bandwidth, matmul_ceiling
     from profilers.fingerprint import current_fingerprint
 
+    if device == "cuda" and not _gpu_here():
+        return datasheet_models(device_name)
     ceil = Ceilings({d: matmul_ceiling(d, device).flops_per_s for d in dtypes},
                     copy_bandwidth(device).bytes_per_s, source="measured ceilings, prior only")
     return StepModels(current_fingerprint(device, __version__).key(), device, ceil)
 
 
-def default_models(folder: str | Path | None, device: str = "cpu") -> StepModels:
+def _gpu_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()  # cudaGetDeviceCount: no CUDA context is created
+
+
+def datasheet_models(device_name: str | None) -> StepModels:
+    """The analytic prior on a GPU's published peaks (dense bf16 and TF32 FLOP/s, memory
+    bandwidth), for planning a GPU job where the GPU is absent. Every figure priced on it
+    is a prediction from published numbers, and its sources say so."""
+    from profilers.ceilings import datasheet, datasheet_names
+
+    row = datasheet(device_name) if device_name else None
+    if row is None:
+        what = f"hardware.device_name {device_name!r} is not" if device_name else \
+            "hardware.device_name is not given, and it is"
+        raise UserError(f"{what} a GPU of the datasheet table, which planning without the GPU "
+                        f"prices from; use one of {', '.join(datasheet_names())}")
+    ceil = Ceilings({"bf16": row.peak_flops("bf16"), "fp32": row.peak_flops("fp32")},
+                    row.memory_bandwidth_gbs * 1e9,
+                    source=f"datasheet {row.name} (published peaks, not measured)")
+    return StepModels(f"datasheet:{row.name}", "cuda", ceil)
+
+
+def default_models(folder: str | Path | None, device: str = "cpu", *,
+                   device_name: str | None = None) -> StepModels:
     """Fitted models from ``folder`` (checked against this machine), or the prior alone
     when no folder is given."""
     if folder is None:
-        return prior_models(device)
+        return prior_models(device, device_name=device_name)
+    if device == "cuda" and not _gpu_here():
+        raise UserError(f"--models {folder}: fitted models are checked against the GPU they "
+                        f"were fitted on, and this machine has none; plan from the datasheet "
+                        f"with --models prior")
     from autotune import __version__
     from profilers.fingerprint import current_fingerprint
 

@@ -33,8 +33,8 @@ from cost_models.bundle import StepModels
 from cost_models.step import MemoryModel, ResidualModel
 from profilers.records import Measurement, Status
 
-__all__ = ["Ranker", "ReplaySource", "Trial", "TrialLog", "config_key", "guided_search",
-           "storage_errors"]
+__all__ = ["MEMORY_MARGIN", "Ranker", "ReplaySource", "Trial", "TrialLog", "config_key",
+           "guided_search", "storage_errors"]
 
 
 def config_key(rc: RunConfig) -> str:
@@ -169,6 +169,10 @@ def _measured_table(trials: Sequence[Trial], index: dict[str, int]) -> pd.DataFr
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+# Candidates must fit the memory cap with this share of it to spare: predictions err.
+MEMORY_MARGIN = 0.1
+
+
 class Ranker:
     """The search's ranking: every candidate priced by the step model, recalibrated on the
     measurements so far; ``picks`` are the untried candidates that fit the memory cap with
@@ -176,7 +180,7 @@ class Ranker:
     workers (``autotune.scaleout``), so both measure in the same order."""
 
     def __init__(self, candidates: Sequence[RunConfig], models: StepModels, *,
-                 warmup: int = 1, steps: int = 3, margin: float = 0.1) -> None:
+                 warmup: int = 1, steps: int = 3, margin: float = MEMORY_MARGIN) -> None:
         if not candidates:
             raise UserError("the search space holds no valid candidate for this workload")
         self.candidates, self.models, self.margin = list(candidates), models, margin
@@ -212,7 +216,7 @@ class Ranker:
 
 def guided_search(candidates: Sequence[RunConfig], models: StepModels,
                   source: Callable[[RunConfig, int], Measurement], *, budget: int,
-                  batch: int = 3, margin: float = 0.1, done: Sequence[Trial] = (),
+                  batch: int = 3, margin: float = MEMORY_MARGIN, done: Sequence[Trial] = (),
                   on_trial: Callable[[Trial], None] | None = None,
                   warmup: int = 1, steps: int = 3, deadline: float | None = None) -> list[Trial]:
     """Measure up to ``budget`` candidates (counting ``done``), best predicted first, each

@@ -40,6 +40,7 @@ __all__ = [
     "CeilingStore",
     "copy_bandwidth",
     "datasheet",
+    "datasheet_names",
     "datasheet_peak",
     "matmul_ceiling",
     "measure_copy_bandwidth",
@@ -546,6 +547,11 @@ def datasheet(device_name: str) -> Accelerator | None:
         if re.search(pattern, name):
             return row
     return None
+
+
+def datasheet_names() -> list[str]:
+    """The table's own names, for messages that say which GPUs it knows."""
+    return [row.name for _, row in _DATASHEET]
 
 
 def datasheet_peak(device_name: str, dtype: str) -> float | None:

@@ -26,21 +26,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_models(folder: str | None, device: str):  # noqa: ANN201
+def load_models(folder: str | None, hardware):  # noqa: ANN001, ANN201 - HardwareSpec
     """Fitted models (refused, one line, when they belong to another machine), or the prior
-    (``prior``: the analytic prior even where fitted models exist)."""
+    (``prior``: the analytic prior even where fitted models exist); for a GPU this machine
+    lacks, the prior on the datasheet of ``hardware.device_name``."""
     from autotune.predict import default_models
     from cost_models.family import ModelMismatch
 
+    device, name = hardware.device, hardware.device_name
     if folder == "prior":
-        return default_models(None, device)
+        return default_models(None, device, device_name=name)
 
     if folder is None and (DEFAULT_MODELS / "models.json").exists():
         folder = str(DEFAULT_MODELS)
     if folder is not None and not Path(folder).is_dir():
         raise UserError(f"--models {folder}: no such folder; fit one with `autotune fit`")
     try:
-        return default_models(folder, device)
+        return default_models(folder, device, device_name=name)
     except ModelMismatch as exc:
         raise UserError(str(exc)) from None
 
@@ -49,14 +51,18 @@ def run(args: argparse.Namespace) -> int:
     from autotune.predict import StepPredictor
 
     rc, _ = load_runconfig(args.runconfig)
-    models = load_models(args.models, rc.workload.hardware.device)
-    pred = StepPredictor(models, warmup=args.warmup, steps=args.steps).predict(rc)
+    models = load_models(args.models, rc.workload.hardware)
+    predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
+    pred = predictor.predict(rc)
+    use = predictor.utilization(rc, pred.tokens_per_s)
     if args.json:
-        print_json({"config": rc.label()} | pred.to_json_dict())
+        print_json({"config": rc.label(), "predicted": True} | pred.to_json_dict() | use)
         return 0
     how = (f"calibrated by {pred.residual_measurements} measured steps" if pred.calibration == "measured"
            else "prior only: no measured step has calibrated it")
-    print(f"{rc.label()}: {pred.tokens_per_s:,.0f} tokens/s, step {pred.step_time_s:.3f} s, "
+    print(f"{rc.label()} (predicted): {pred.tokens_per_s:,.0f} tokens/s "
+          f"({use['tokens_per_s_per_device']:,.0f} per device x {use['world']}, MFU "
+          f"{use['mfu']:.1%} of {models.ceilings.source}), step {pred.step_time_s:.3f} s, "
           f"peak memory {pred.peak_mem_bytes / 2**20:,.0f} MiB per rank ({how})")
     total = sum(pred.breakdown.values())
     for part, seconds in pred.breakdown.items():

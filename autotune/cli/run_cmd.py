@@ -145,7 +145,14 @@ def run(args: argparse.Namespace) -> int:
     from autotune.predict import StepPredictor
     from autotune.report import render_report
     from autotune.rundir import validate_name
-    from autotune.search import ReplaySource, Trial, TrialLog, config_key, guided_search
+    from autotune.search import (
+        MEMORY_MARGIN,
+        ReplaySource,
+        Trial,
+        TrialLog,
+        config_key,
+        guided_search,
+    )
 
     wl, user_rc = _workload(args)
     if args.out:
@@ -156,23 +163,20 @@ def run(args: argparse.Namespace) -> int:
         _run_dir(args, wl)  # refuses what is not a run before any work
         wl = load_yaml(Workload, Path(args.resume) / "workload.yaml")
     dataset = load_dataset(wl.data, wl.model.resolve())
-    models = load_models(args.models, wl.hardware.device)
-    space = _space(args)
+    models = load_models(args.models, wl.hardware)
+    space = _space(args, wl, dataset.max_len)
     candidates = _candidates(args, space, wl, models)
     if not candidates:
         raise UserError(f"no valid config of the search space fits {wl.world_size} device(s) "
                         f"of this workload")
     predicted = StepPredictor(models, warmup=args.warmup, steps=args.steps).predict_many(candidates)
-    cap = wl.budget.memory_cap_gb * 2**30
-    if predicted.peak_mem_bytes.min() > cap:
-        raise UserError(f"the workload cannot fit in memory_cap_gb={wl.budget.memory_cap_gb}: the "
-                        f"smallest predicted peak of {len(candidates)} candidates is "
-                        f"{predicted.peak_mem_bytes.min() / 2**30:.2f} GiB")
+    if predicted.peak_mem_bytes.min() > wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN):
+        _refuse_unfit(wl, predicted)
     source = ReplaySource(args.replay) if args.replay else None
     log = TrialLog(args.storage) if args.storage else None  # an unreachable URL: before any file
     rundir, resumed = _run_dir(args, wl)
     if args.plan_only:
-        return _plan_only(args, rundir, candidates, predicted, models.calibration)
+        return _plan_only(args, rundir, candidates, predicted, models, space)
     storage = args.storage or f"sqlite:///{(rundir.path / 'study.db').resolve()}"
     if not resumed:
         # The run folder is whole before its study exists: a run killed in between is a run
@@ -354,8 +358,9 @@ def _top5(ok: list, best) -> str:  # noqa: ANN001
     return "\n".join(lines) + "\n"
 
 
-def _space(args: argparse.Namespace):  # noqa: ANN202
-    """The user's SearchSpace, the resumed run's, or the built-in one."""
+def _space(args: argparse.Namespace, wl: Workload, longest: int):  # noqa: ANN202
+    """The user's SearchSpace, the resumed run's, or the built-in one for the workload's
+    devices (``SearchSpace.default_for``)."""
     from autotune.config import SearchSpace, load_yaml
 
     if args.space:
@@ -364,7 +369,7 @@ def _space(args: argparse.Namespace):  # noqa: ANN202
         return load_yaml(SearchSpace, Path(args.resume) / "space.yaml")
     if args.out and (Path(args.out) / "space.yaml").is_file():
         return load_yaml(SearchSpace, Path(args.out) / "space.yaml")
-    return SearchSpace()
+    return SearchSpace.default_for(wl, longest=longest)
 
 
 def _run_baselines(args, candidates, user, trials, log, done, measure_one, rundir):  # noqa: ANN001, ANN202
@@ -472,22 +477,98 @@ def _predicted_vs_measured(trials: list, calibration: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, calibration: str  # noqa: ANN001
-               ) -> int:
-    cap_ok = predicted.peak_mem_bytes <= candidates[0].workload.budget.memory_cap_gb * 2**30 * 0.9
-    order = predicted[cap_ok].sort_values("tokens_per_s", ascending=False).index[:5]
+def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, models,  # noqa: ANN001
+               space) -> int:  # noqa: ANN001
+    """Rank the space from the models alone and write plan.md: the best predicted configs
+    that fit, and how the best one scales with the node count. Nothing is measured."""
+    from autotune.predict import StepPredictor
+    from autotune.search import MEMORY_MARGIN
+
+    wl = candidates[0].workload
+    predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
+    feasible = predicted.peak_mem_bytes <= wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN)
+    order = list(predicted[feasible].sort_values("tokens_per_s", ascending=False).index)
+    top = [_plan_row(candidates[i], predicted.loc[i], predictor) for i in order[:10]]
     lines = ["# autotune plan (predicted, nothing measured)", "",
-             f"{len(candidates)} candidates priced by the step model ({calibration}); every "
-             f"figure below is a prediction.", "",
-             "| rank | config | predicted tokens/s | predicted peak GiB |", "|---|---|---:|---:|"]
-    for r, i in enumerate(order, 1):
-        lines.append(f"| {r} | `{candidates[i].label()}` | {predicted.tokens_per_s[i]:,.0f} | "
-                     f"{predicted.peak_mem_bytes[i] / 2**30:.2f} |")
+             f"{len(candidates)} candidates priced by the step model ({models.calibration}; "
+             f"ceilings: {models.ceilings.source}), {int(feasible.sum())} predicted to fit "
+             f"{wl.budget.memory_cap_gb:g} GB per device with a {MEMORY_MARGIN:.0%} margin. "
+             f"Every figure below is a prediction.", "", *_plan_table(top)]
+    scaling = _scaling(args, space, wl, candidates, predicted, order, predictor)
+    if scaling:
+        lines += ["", f"## Scaling: the best predicted config per node count "
+                      f"({wl.hardware.devices_per_node} devices per node)", "",
+                  *_plan_table(scaling, nodes=True)]
     rundir.write_text("plan.md", "\n".join(lines) + "\n")
-    if len(order):
-        rundir.write_tuned(candidates[order[0]])
-    result = {"run_dir": str(rundir.path), "predicted": True,
-              "config": candidates[order[0]].label() if len(order) else None,
-              "predicted_tokens_per_s": float(predicted.tokens_per_s[order[0]]) if len(order) else None}
+    rundir.write_tuned(candidates[order[0]])
+    result = {"run_dir": str(rundir.path), "predicted": True, "candidates": len(candidates),
+              "feasible": int(feasible.sum()), "config": top[0]["config"],
+              "predicted_tokens_per_s": top[0]["tokens_per_s"], "top": top, "scaling": scaling}
     print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
     return 0
+
+
+def _plan_row(rc: RunConfig, row, predictor) -> dict:  # noqa: ANN001
+    use = predictor.utilization(rc, float(row.tokens_per_s))
+    return {"config": rc.label(), "nodes": rc.workload.hardware.nodes, "world": use["world"],
+            "tokens_per_s": float(row.tokens_per_s),
+            "tokens_per_s_per_device": use["tokens_per_s_per_device"], "mfu": use["mfu"],
+            "step_time_s": float(row.step_time_s), "peak_mem_bytes": float(row.peak_mem_bytes)}
+
+
+def _plan_table(rows: list[dict], *, nodes: bool = False) -> list[str]:
+    first = "nodes | devices" if nodes else "rank"
+    out = [f"| {first} | config | tokens/s | tokens/s per device | MFU | step s | peak GiB |",
+           "|---|" + ("---|" if nodes else "") + "---|---:|---:|---:|---:|---:|"]
+    for r, row in enumerate(rows, 1):
+        lead = f"{row['nodes']} | {row['world']}" if nodes else str(r)
+        out.append(f"| {lead} | `{row['config']}` | {row['tokens_per_s']:,.0f} | "
+                   f"{row['tokens_per_s_per_device']:,.0f} | {row['mfu']:.1%} | "
+                   f"{row['step_time_s']:.3f} | {row['peak_mem_bytes'] / 2**30:.1f} |")
+    return out
+
+
+def _scaling(args: argparse.Namespace, space, wl: Workload, candidates: list, predicted,  # noqa: ANN001
+             order: list[int], predictor) -> list[dict]:  # noqa: ANN001
+    """The best predicted config on 1, 2, 4, ... nodes up to the workload's: the knobs of
+    the 50 best configs here, laid out again over each node count's devices and priced
+    (the global batch stays the same, so tokens per device fall as nodes are added)."""
+    from autotune.search import MEMORY_MARGIN
+
+    counts = sorted({n for n in (1 << i for i in range(wl.hardware.nodes.bit_length()))
+                     if n <= wl.hardware.nodes} | {wl.hardware.nodes})
+    if len(counts) == 1:
+        return []
+    keep = {_knobs(candidates[i]) for i in order[:50]}
+    cap = wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN)
+    rows = []
+    for n in counts:
+        if n == wl.hardware.nodes:
+            best = order[0]
+            rows.append(_plan_row(candidates[best], predicted.loc[best], predictor))
+            continue
+        wl_n = wl.model_copy(update={"hardware": wl.hardware.model_copy(update={"nodes": n})})
+        cands = [rc for rc in space.grid(wl_n) if _knobs(rc) in keep]
+        pred = predictor.predict_many(cands) if cands else None
+        if pred is None or not (pred.peak_mem_bytes <= cap).any():
+            continue
+        best = pred[pred.peak_mem_bytes <= cap].tokens_per_s.idxmax()
+        rows.append(_plan_row(cands[best], pred.loc[best], predictor))
+    return rows
+
+
+def _knobs(rc: RunConfig) -> str:
+    """A config without its layout: what the scaling table carries across node counts."""
+    return rc.model_copy(update={"workload": None, "parallel": None}).model_dump_json()
+
+
+def _refuse_unfit(wl: Workload, predicted) -> None:  # noqa: ANN001
+    """No candidate fits: one line naming the smallest predicted peak and what would help."""
+    from autotune.search import MEMORY_MARGIN
+
+    least = float(predicted.peak_mem_bytes.min())
+    raise UserError(
+        f"no candidate fits memory_cap_gb={wl.budget.memory_cap_gb:g} with a "
+        f"{MEMORY_MARGIN:.0%} margin: the smallest predicted peak is {least / 2**30:.1f} GiB "
+        f"per device; more devices (hardware.devices_per_node or nodes) shard the model "
+        f"further, and smaller micro-batches or full checkpointing (--space) cut activations")

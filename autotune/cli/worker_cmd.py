@@ -64,8 +64,8 @@ def worker(args: argparse.Namespace) -> int:
     source = ReplaySource(args.replay) if args.replay else None
     # Before the models and the space: a storage out of reach is refused at once.
     shared = SharedStudy(args.storage, args.study, heartbeat_s=args.heartbeat, grace_s=args.grace)
-    models = load_models(args.models, wl.hardware.device)
-    space = _space(args)
+    models = load_models(args.models, wl.hardware)
+    space = _space(args, wl, wl.data.max_len)
     candidates = _candidates(args, space, wl, models)
     out = Path(args.out or f"results/workers/{socket.gethostname()}-{os.getpid()}")
 

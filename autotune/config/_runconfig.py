@@ -191,6 +191,13 @@ class RunConfig(BaseModel):
                 parts.append(p.pp_schedule)
         if self.checkpointing.policy != "none":
             parts.append(f"ac-{self.checkpointing.policy}")
+        k = self.kernels
+        if k.attention != "sdpa":
+            parts.append(f"attn-{k.attention}")
+        if k.loss != "full":
+            parts.append(f"loss-{k.loss}")
+        if k.norm != "torch":
+            parts.append(f"norm-{k.norm}")
         if self.compile != "none":
             parts.append(f"compile-{self.compile}")
         parts.append(self.precision.dtype)

@@ -20,6 +20,36 @@ from autotune.config._workload import Workload
 __all__ = ["SearchSpace"]
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    out, t = [], lo
+    while t <= hi:
+        out.append(t)
+        t *= 2
+    return out
+
+
+def _tokens_memory_allows(workload: Workload) -> int:
+    """The most tokens one micro-batch can hold on one device in the most frugal layout the
+    space offers (full checkpointing, the fused loss, the widest tensor parallelism): each
+    token keeps one bf16 hidden vector per layer plus one layer's activations, as the memory
+    model counts them; the rest of the memory cap is left to the model's state."""
+    dims = workload.model.resolve()
+    tp = max(d for d in _divisors(workload.hardware.devices_per_node)
+             if dims.heads % d == 0 and dims.kv_heads % d == 0)
+    per_token = 2 * (dims.layers * dims.hidden + 3 * dims.hidden
+                     + (2 * dims.q_width + 2 * dims.kv_width + 3 * dims.ffn) // tp)
+    fits = max(1, int(workload.budget.memory_cap_gb * 2**30 / per_token))
+    return 1 << (fits.bit_length() - 1)  # the largest power of two that fits
+
+
 def _divisor_layouts(world: int) -> list[tuple[int, int, int, int]]:
     out = []
     for tp, pp, cp in itertools.product(range(1, world + 1), repeat=3):
@@ -59,6 +89,36 @@ class SearchSpace(BaseModel):
     tp: list[PositiveInt] | None = None
     pp: list[PositiveInt] | None = None
     cp: list[PositiveInt] | None = None
+
+    @classmethod
+    def default_for(cls, workload: Workload, *, longest: int | None = None) -> SearchSpace:
+        """The built-in space for ``workload``'s devices. On a CPU, the small space that keeps
+        ``make run`` quick. On GPUs, derived from the model, the data's longest sequence
+        (``longest``, else ``data.max_len``), the memory cap and the node layout: bf16
+        everywhere; ZeRO 0, 2 and 3 (FSDP2 has no optimizer-only sharding, so 1 would price
+        and run as 2); micro-batch tokens and chunk sizes in powers of two from 1K up to the
+        longest sequence and what one device's memory can hold at full checkpointing; tp
+        over the divisors of a node's devices, pp over the divisors of the node count;
+        no/selective/full checkpointing; the fused loss; per-block compile; FlashAttention
+        varlen."""
+        if workload.hardware.device != "cuda":
+            return cls()
+        dims = workload.model.resolve()
+        hw = workload.hardware
+        longest = longest or workload.data.max_len
+        top = min(_pow2_at_least(longest), _tokens_memory_allows(workload),
+                  _pow2_at_least(workload.budget.global_batch_tokens))
+        tokens = [t for t in _powers_of_two(1024, max(top, 1024))]
+        chunks = [t for t in tokens if t < longest] or tokens[:1]
+        return cls(
+            policy=["pad-batch", "sorted", "pack", "chunkflow", "skrull"],
+            micro_batch_tokens=tokens, chunk_size=chunks, chunkflow_k=[1, 2],
+            micro_batch_size=[1, 2, 4, 8], zero_stage=[0, 2, 3],
+            checkpointing=["none", "selective", "full"], attention=["varlen"],
+            loss=["full", "fused"], norm=["torch"], dtype=["bf16"], compile=["none", "blocks"],
+            tp=[d for d in _divisors(hw.devices_per_node)
+                if dims.heads % d == 0 and dims.kv_heads % d == 0],
+            pp=[d for d in _divisors(hw.nodes) if dims.layers % d == 0], cp=[1])
 
     def parallel_layouts(self, workload: Workload) -> list[tuple[int, int, int, int]]:
         """(dp, tp, pp, cp) for the workload's devices, filtered by the shape rules."""

@@ -138,7 +138,7 @@ def test_pareto_mode_reports_the_measured_front(setup, capsys: pytest.CaptureFix
     (["run", "--workload", "{wl}", "--resume", "{tmp}"], "not a run directory"),
     (["run", "--workload", "{wl}", "--replay", "{table}", "--out", "r",
       "--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage postgresql://"),
-    (["run", "--workload", "{tiny_cap}", "--replay", "{table}"], "cannot fit in memory_cap_gb"),
+    (["run", "--workload", "{tiny_cap}", "--replay", "{table}"], "no candidate fits memory_cap_gb"),
 ])
 def test_bad_input(setup, capsys: pytest.CaptureFixture, argv: list[str], expected: str,
                    tmp_path: Path) -> None:

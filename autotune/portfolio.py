@@ -6,21 +6,85 @@ tuned config is always compared with what people actually run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from autotune.config import RunConfig, Workload
 
-__all__ = ["baseline_configs"]
+__all__ = ["baseline_configs", "device_defaults", "fitting_layout", "memory_ladder"]
+
+Fits = Callable[[RunConfig], bool]
 
 
-def _rc(workload: Workload, **schedule: object) -> RunConfig:
-    # Pure data parallelism over the workload's devices: the layout every trainer offers.
-    return RunConfig.model_validate({"workload": workload, "schedule": schedule,
-                                     "parallel": {"dp": workload.world_size}})
+def memory_ladder(workload: Workload) -> Iterator[dict]:
+    """The layouts users reach for as a model outgrows their devices, in the order they
+    reach for them: data parallelism, then ZeRO 2 and 3 (the DeepSpeed autotuner's ladder),
+    then activation checkpointing, then tensor parallelism inside a node (over ZeRO 3 with
+    full checkpointing), then pipeline stages across nodes."""
+    world, dims = workload.world_size, workload.model.resolve()
+    for zero in (0, 2, 3):
+        yield {"parallel": {"dp": world, "zero_stage": zero}, "checkpointing": {"policy": "none"}}
+    for ckpt in ("selective", "full"):
+        yield {"parallel": {"dp": world, "zero_stage": 3}, "checkpointing": {"policy": ckpt}}
+    node, nodes = workload.hardware.devices_per_node, workload.hardware.nodes
+    for tp in (d for d in range(2, node + 1) if node % d == 0 and dims.heads % d == 0
+               and dims.kv_heads % d == 0):
+        yield {"parallel": {"dp": world // tp, "tp": tp, "zero_stage": 3},
+               "checkpointing": {"policy": "full"}}
+    for pp in (d for d in range(2, nodes + 1) if nodes % d == 0 and dims.layers % d == 0):
+        yield {"parallel": {"dp": world // (node * pp) or 1, "tp": node, "pp": pp,
+                            "zero_stage": 3}, "checkpointing": {"policy": "full"}}
 
 
-def baseline_configs(workload: Workload, *, include_pad_max: bool = False) -> list[RunConfig]:
+def fitting_layout(workload: Workload, base: dict, fits: Fits | None) -> RunConfig:
+    """``base`` (schedule, precision, kernels, seed) on the first rung of the memory ladder
+    that ``fits`` (a memory prediction), a padding policy's micro-batch halved down to one
+    sequence on each rung before the next (what a user tries first: the DeepSpeed
+    autotuner's largest fitting micro-batch per ZeRO stage); plain data parallelism when
+    nothing is asked. Where nothing fits, the last rung tried, for the caller to refuse."""
+    last = None
+    for rung in memory_ladder(workload):
+        for schedule in _smaller_micro_batches(base["schedule"]):
+            try:
+                rc = RunConfig.model_validate({"workload": workload, **base,
+                                               "schedule": schedule, **rung})
+            except ValueError:
+                continue  # a rung this policy or model cannot take (chunkflow under ZeRO 3)
+            if fits is None or fits(rc):
+                return rc
+            last = rc
+    return last if last is not None else RunConfig.model_validate({"workload": workload, **base})
+
+
+def _smaller_micro_batches(schedule: dict) -> list[dict]:
+    size = schedule.get("micro_batch_size")
+    if size is None:
+        return [schedule]
+    out = []
+    while size >= 1:
+        out.append(schedule | {"micro_batch_size": size})
+        size //= 2
+    return out
+
+
+def _rc(workload: Workload, fits: Fits | None, **schedule: object) -> RunConfig:
+    return fitting_layout(workload, device_defaults(workload) | {"schedule": schedule}, fits)
+
+
+def device_defaults(workload: Workload) -> dict:
+    """What a run of this size on these devices uses besides its schedule and layout: on
+    GPUs bf16 and FlashAttention; on a CPU the RunConfig's own defaults."""
+    if workload.hardware.device == "cuda":
+        return {"precision": {"dtype": "bf16"}, "kernels": {"attention": "varlen"}}
+    return {}
+
+
+def baseline_configs(workload: Workload, *, include_pad_max: bool = False,
+                     fits: Fits | None = None) -> list[RunConfig]:
     """pad-batch (the Hugging Face Trainer's default), sorted, pack (TRL bfd), Skrull, and
-    ChunkFlow at a quarter and a half of the longest sequence, data-parallel over the
-    workload's devices.
+    ChunkFlow at a quarter and a half of the longest sequence, over the workload's devices:
+    pure data parallelism, or, given ``fits`` (a memory prediction), the first rung of
+    ``memory_ladder`` predicted to fit, as a user would climb it. On GPUs in bf16 with
+    FlashAttention.
 
     ``pad-max`` (Megatron-style fixed length) costs tens of times the others on long-tail
     data; it is left out of tuning runs and measured by the benchmark suites.
@@ -30,14 +94,14 @@ def baseline_configs(workload: Workload, *, include_pad_max: bool = False) -> li
     mbt = min(max(512, max_len), gbt)
     configs = []
     if include_pad_max:
-        configs.append(_rc(workload, policy="pad-max", micro_batch_size=8))
+        configs.append(_rc(workload, fits, policy="pad-max", micro_batch_size=8))
     configs += [
-        _rc(workload, policy="pad-batch", micro_batch_size=8),
-        _rc(workload, policy="sorted", micro_batch_size=8),
-        _rc(workload, policy="pack", micro_batch_tokens=mbt),
-        _rc(workload, policy="skrull", micro_batch_tokens=mbt),
+        _rc(workload, fits, policy="pad-batch", micro_batch_size=8),
+        _rc(workload, fits, policy="sorted", micro_batch_size=8),
+        _rc(workload, fits, policy="pack", micro_batch_tokens=mbt),
+        _rc(workload, fits, policy="skrull", micro_batch_tokens=mbt),
     ]
     for chunk in sorted({max(64, max_len // 4), max(64, max_len // 2)}):
-        configs.append(_rc(workload, policy="chunkflow", chunk_size=chunk,
+        configs.append(_rc(workload, fits, policy="chunkflow", chunk_size=chunk,
                            micro_batch_tokens=chunk, chunkflow_k=1))
     return configs

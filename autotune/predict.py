@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from autotune.config import ModelDims, RunConfig
-from autotune.data import global_batches, load_dataset, make_policy
+from autotune.data import global_batches, load_lengths, make_policy
 from autotune.data.plan import ChunkGroup, StepPlan
 from autotune.errors import UserError
 from autotune.step_ops import (
@@ -46,7 +46,7 @@ from cost_models.step import (
 from kernels.linear_ce import workspace_bytes
 
 __all__ = ["StepPredictor", "complete_ceilings", "datasheet_models", "default_models",
-           "prior_models"]
+           "fits_in_memory", "prior_models"]
 
 _FAMILIES = ("gemm", "attention", "norm", "loss")
 _DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucket
@@ -111,7 +111,7 @@ class StepPredictor:
             return self._plans[key]
         dkey = key[1] + key[0]
         if dkey not in self._data:
-            self._data[dkey] = load_dataset(rc.workload.data, dims)
+            self._data[dkey] = load_lengths(rc.workload.data, dims)
         data = self._data[dkey]
         policy = make_policy(rc, dims, data_max_len=data.max_len)
         stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
@@ -416,7 +416,7 @@ class StepPredictor:
         dims = rc.workload.model.resolve()
         dkey = rc.workload.data.model_dump_json() + rc.workload.model.model_dump_json()
         if dkey not in self._data:
-            self._data[dkey] = load_dataset(rc.workload.data, dims)
+            self._data[dkey] = load_lengths(rc.workload.data, dims)
         s = np.asarray(self._data[dkey].lengths, dtype=np.float64)
         return float(6.0 * dims.matmul_params()
                      + 6.0 * dims.layers * dims.q_width * (s * s).sum() / s.sum())
@@ -437,6 +437,18 @@ class StepPredictor:
         return StepPrediction(float(row["step_time_s"]), float(row["tokens_per_s"]),
                               float(row["peak_mem_bytes"]), breakdown, m.calibration, sources,
                               m.residual.n_measurements, m.memory.n_measurements)
+
+
+def fits_in_memory(models: StepModels, *, margin: float):  # noqa: ANN201 - Fits
+    """A memory check for ``autotune.portfolio``: whether a config's predicted peak stays
+    ``margin`` below its workload's memory cap."""
+    predictor = StepPredictor(models)
+
+    def fits(rc: RunConfig) -> bool:
+        cap = rc.workload.budget.memory_cap_gb * 2**30 * (1 - margin)
+        return bool(predictor.predict_many([rc]).peak_mem_bytes.iloc[0] <= cap)
+
+    return fits
 
 
 def complete_ceilings(ceilings: Ceilings, device: str,

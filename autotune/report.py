@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from autotune.config import RunConfig, dump_yaml
-from autotune.data import Dataset
+from autotune.data import Dataset, Lengths
 from profilers.records import Measurement, Status
 
 __all__ = ["md_table", "render_report", "trial_table"]
@@ -77,7 +77,7 @@ def _why(best: tuple[int, RunConfig, Measurement],
     return lines
 
 
-def render_report(*, workload_rc: RunConfig, dataset: Dataset,
+def render_report(*, workload_rc: RunConfig, dataset: Dataset | Lengths,
                   trials: list[tuple[int, RunConfig, Measurement]],
                   best: tuple[int, RunConfig, Measurement] | None) -> str:
     dims = workload_rc.workload.model.resolve()

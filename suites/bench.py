@@ -42,13 +42,14 @@ from autotune import __version__
 from autotune.config import RunConfig, Workload, dump_yaml, load_yaml, save_yaml
 from autotune.errors import UserError
 from autotune.launch import Launch
+from autotune.portfolio import Fits, device_defaults, fitting_layout
 from profilers.fingerprint import current_fingerprint
 from profilers.isolation import guarded, run_isolated
 from profilers.records import Status
 from profilers.store import atomic_write_text
 
-__all__ = ["CONTENDERS", "Suite", "contender_config", "load_suite", "olympic_mean", "run_suite",
-           "score"]
+__all__ = ["CONTENDERS", "Suite", "contender_config", "contender_fits", "load_suite",
+           "olympic_mean", "run_suite", "score"]
 
 DEFS = Path(__file__).parent / "defs"
 
@@ -142,8 +143,11 @@ def load_suite(name_or_path: str) -> tuple[Suite, Path]:
     return suite, path.parent
 
 
-def contender_config(name: str, wl: Workload, seed: int, dtype: str = "fp32") -> RunConfig:
-    """The RunConfig of a baseline contender on ``wl``, data-parallel over its ranks."""
+def contender_config(name: str, wl: Workload, seed: int, dtype: str = "fp32", *,
+                     fits: Fits | None = None) -> RunConfig:
+    """The RunConfig of a baseline contender on ``wl``: data-parallel over its ranks, or,
+    given ``fits`` (a memory prediction), on the first layout of the memory ladder that fits,
+    as its users would run it (``autotune.portfolio.fitting_layout``)."""
     max_len = wl.data.max_len
     mbt = min(max(512, max_len), wl.budget.global_batch_tokens)
     schedule = {
@@ -155,9 +159,22 @@ def contender_config(name: str, wl: Workload, seed: int, dtype: str = "fp32") ->
                       "micro_batch_tokens": max(64, max_len // 4), "chunkflow_k": 1},
         "skrull": {"policy": "skrull", "micro_batch_tokens": mbt},
     }[name]
-    return RunConfig.model_validate({"workload": wl, "schedule": schedule, "seed": seed,
-                                     "parallel": {"dp": wl.world_size},
-                                     "precision": {"dtype": dtype}})
+    base = device_defaults(wl) | {"schedule": schedule, "seed": seed,
+                                  "precision": {"dtype": dtype}}
+    return fitting_layout(wl, base, fits)
+
+
+def contender_fits(wl: Workload) -> Fits | None:
+    """On GPUs, contenders climb the memory ladder until the step model predicts they fit
+    (a contender that runs out of memory would measure nothing); CPU suites keep plain data
+    parallelism, which their small models always fit."""
+    if wl.hardware.device != "cuda":
+        return None
+    from autotune.cli.predict_cmd import load_models
+    from autotune.predict import fits_in_memory
+    from autotune.search import MEMORY_MARGIN
+
+    return fits_in_memory(load_models("prior", wl.hardware), margin=MEMORY_MARGIN)
 
 
 def olympic_mean(times: list[float]) -> float | None:
@@ -302,6 +319,7 @@ def run_suite(suite: Suite, base: Path, out: Path, *, progress: bool = True) -> 
     data = load_dataset(suite.workload.data, suite.workload.model.resolve())
     atomic_write_text(out / "lengths.json", json.dumps({"lengths": data.lengths.tolist()}))
     tuned = _tune(suite, base, out) if "tuned" in suite.contenders else None
+    fits = contender_fits(suite.workload)  # one predictor for every contender's layout
     results: dict[str, list[dict]] = {c: [] for c in suite.contenders}
     bar = tqdm(total=suite.runs * len(suite.contenders), unit="run", desc=f"bench {suite.name}",
                disable=None if progress else True)
@@ -315,7 +333,7 @@ def run_suite(suite: Suite, base: Path, out: Path, *, progress: bool = True) -> 
                 result = prior
             else:
                 rc = (tuned.model_copy(update={"seed": seed}) if name == "tuned"
-                      else contender_config(name, suite.workload, seed, suite.dtype))
+                      else contender_config(name, suite.workload, seed, suite.dtype, fits=fits))
                 result = _one_run(suite, rc, run_dir, name, i)
             results[name].append(result)
             bar.update()

@@ -38,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-trials", type=positive_int,
                    help="real measurements at most (default the workload's budget.trials)")
     p.add_argument("--budget-s", type=positive_float,
-                   help=f"seconds of measuring at most (default {DEFAULT_BUDGET_S:.0f}; "
-                        f"the search stops at whichever budget ends first)")
+                   help=f"seconds of measuring at most (default: what the trial budget needs "
+                        f"at the best candidates' predicted step time, at least "
+                        f"{DEFAULT_BUDGET_S:.0f}; the search stops at whichever budget ends "
+                        f"first)")
     p.add_argument("--batch", type=positive_int, default=3,
                    help="candidates measured per round between recalibrations (default 3)")
     p.add_argument("--models", help="fitted models (default models/ when present, else the "
@@ -138,7 +140,7 @@ def _run_dir(args: argparse.Namespace, wl: Workload):  # noqa: ANN202
 def run(args: argparse.Namespace) -> int:
     from autotune.cli.predict_cmd import load_models
     from autotune.config import dump_yaml, load_yaml
-    from autotune.data import load_dataset
+    from autotune.data import load_lengths
     from autotune.launch import Launch
     from autotune.measure import measure
     from autotune.portfolio import baseline_configs
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         _run_dir(args, wl)  # refuses what is not a run before any work
         wl = load_yaml(Workload, Path(args.resume) / "workload.yaml")
-    dataset = load_dataset(wl.data, wl.model.resolve())
+    dataset = load_lengths(wl.data, wl.model.resolve())  # planning and the report need no tokens
     models = load_models(args.models, wl.hardware)
     space = _space(args, wl, dataset.max_len)
     candidates = _candidates(args, space, wl, models)
@@ -189,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     log = log or TrialLog(storage)
     done = log.trials()
     budget = args.budget_trials or wl.budget.trials
-    deadline = time.monotonic() + (args.budget_s or DEFAULT_BUDGET_S)
+    deadline = time.monotonic() + (args.budget_s or default_budget_s(
+        wl, predicted, budget, warmup=args.warmup, steps=args.steps))
     bar = tqdm(total=budget, initial=len(done), unit="trial", desc="measuring", disable=None)
 
     # Configs a baseline measured before a kill are not measured again by the tuner.
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The baseline users run without tuning (their own config when they gave one) is
     # always measured, first, so the report can say what tuning bought.
-    baseline = space.canonical(user_rc or baseline_configs(wl)[0])
+    baseline = space.canonical(user_rc or baseline_configs(wl, fits=_fits(wl, models))[0])
     if not any(t.rc.model_dump_json() == baseline.model_dump_json() for t in done):
         trial = Trial(len(done), baseline, measure_one(baseline, len(done)))
         record(trial)
@@ -356,6 +359,37 @@ def _top5(ok: list, best) -> str:  # noqa: ANN001
         lines.append(f"| {r} | `{t.rc.label()}` | {t.measurement.tokens_per_s:,.0f} | "
                      f"{t.measurement.tokens_per_s / best.measurement.tokens_per_s:.0%} | {pred} |")
     return "\n".join(lines) + "\n"
+
+
+# Seconds a trial costs besides its steps: start-up (processes, imports, the model's build;
+# on GPUs also NCCL, the allocator's warm-up and, for compiled blocks, their compile).
+TRIAL_START_S = {"cpu": 10.0, "cuda": 120.0}
+
+
+def default_budget_s(wl: Workload, predicted, trials: int, *, warmup: int, steps: int  # noqa: ANN001
+                     ) -> float:
+    """Seconds of measuring that ``trials`` of the best predicted candidates need (their
+    median predicted step, the warm-up, timed and replayed steps, start-up), and never less
+    than DEFAULT_BUDGET_S: an 8B model's trial takes minutes where a CPU's takes seconds."""
+    from autotune.search import MEMORY_MARGIN
+
+    fits = predicted[predicted.peak_mem_bytes <= wl.budget.memory_cap_gb * 2**30
+                     * (1 - MEMORY_MARGIN)]
+    best = fits.sort_values("tokens_per_s", ascending=False).head(10)
+    step_s = float(best.step_time_s.median()) if len(best) else 0.0
+    per_trial = TRIAL_START_S[wl.hardware.device] + (warmup + steps + 1) * step_s
+    return max(DEFAULT_BUDGET_S, trials * per_trial)
+
+
+def _fits(wl: Workload, models):  # noqa: ANN001, ANN202
+    """On GPUs, baselines climb the memory ladder until predicted to fit, as users do; on a
+    CPU they stay plain data parallelism (the small default workload always fits)."""
+    if wl.hardware.device != "cuda":
+        return None
+    from autotune.predict import fits_in_memory
+    from autotune.search import MEMORY_MARGIN
+
+    return fits_in_memory(models, margin=MEMORY_MARGIN)
 
 
 def _space(args: argparse.Namespace, wl: Workload, longest: int):  # noqa: ANN202

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def worker(args: argparse.Namespace) -> int:
     from autotune.cli.predict_cmd import load_models
-    from autotune.cli.run_cmd import _candidates, _space, _workload
+    from autotune.cli.run_cmd import _candidates, _fits, _space, _workload
     from autotune.measure import measure
     from autotune.portfolio import baseline_configs
     from autotune.rundir import validate_name
@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> int:
 
     ranker = Ranker(candidates, models, warmup=args.warmup, steps=args.steps)
     # The untuned baseline first, as `autotune run` measures it, so reports compare alike.
-    first = space.canonical(user_rc or baseline_configs(wl)[0])
+    first = space.canonical(user_rc or baseline_configs(wl, fits=_fits(wl, models))[0])
     choose = next_pick(ranker, budget=args.budget_trials or wl.budget.trials, first=first)
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     with storage_errors(args.storage, "the shared study failed"):

@@ -1,13 +1,13 @@
 """Data: sequences, length distributions, global batches and scheduling policies."""
 
 from autotune.data.batching import global_batches
-from autotune.data.dataset import Dataset, load_dataset, load_eval_dataset
+from autotune.data.dataset import Dataset, Lengths, load_dataset, load_eval_dataset, load_lengths
 from autotune.data.plan import ChunkGroup, MicroBatch, Segment, StepPlan, Unit
 from autotune.data.policies import POLICY_CLASSES, SchedulingPolicy, make_policy
 from autotune.data.sequences import MarkovSource, SequenceSet
 
 __all__ = [
-    "POLICY_CLASSES", "ChunkGroup", "Dataset", "MarkovSource", "MicroBatch", "SchedulingPolicy",
-    "Segment", "SequenceSet", "StepPlan", "Unit", "global_batches", "load_dataset",
-    "load_eval_dataset", "make_policy",
+    "POLICY_CLASSES", "ChunkGroup", "Dataset", "Lengths", "MarkovSource", "MicroBatch",
+    "SchedulingPolicy", "Segment", "SequenceSet", "StepPlan", "Unit", "global_batches",
+    "load_dataset", "load_eval_dataset", "load_lengths", "make_policy",
 ]

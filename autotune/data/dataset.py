@@ -19,7 +19,7 @@ from autotune.data.sequences import (
 )
 from autotune.errors import UserError
 
-__all__ = ["Dataset", "load_dataset", "load_eval_dataset"]
+__all__ = ["Dataset", "Lengths", "load_dataset", "load_eval_dataset", "load_lengths"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,29 @@ def load_dataset(spec: DataSpec, dims: ModelDims) -> Dataset:
     lengths = _PRESET_LENGTHS[spec.preset](spec.num_sequences, spec.max_len, length_rng)
     seqs, floor = MarkovSource(dims.vocab, spec.seed).sample(lengths, token_rng)
     return Dataset(seqs, f"preset:{spec.preset}", floor)
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """A workload's sequence lengths without their tokens: all that planning and pricing
+    read (a synthetic preset's tokens take seconds to draw for millions of them)."""
+
+    lengths: np.ndarray
+    source: str
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max())
+
+
+def load_lengths(spec: DataSpec, dims: ModelDims) -> Lengths:
+    """The lengths ``load_dataset`` would give, drawn from the same seeded stream."""
+    if spec.path is not None:
+        data = _from_file(spec, dims)
+        return Lengths(data.lengths, data.source)
+    length_rng, _ = _rngs(spec.seed)
+    return Lengths(_PRESET_LENGTHS[spec.preset](spec.num_sequences, spec.max_len, length_rng),
+                   f"preset:{spec.preset}")
 
 
 def load_eval_dataset(spec: DataSpec, dims: ModelDims, num_sequences: int) -> Dataset:

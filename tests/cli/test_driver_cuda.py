@@ -81,7 +81,8 @@ def test_run_never_initialises_cuda_in_the_driver(gpu_machine, tmp_path: Path) -
     env, marker = gpu_machine
     wl = Workload.model_validate(WORKLOAD)
     (tmp_path / "workload.yaml").write_text(yaml.safe_dump(WORKLOAD))
-    rcs = list(SearchSpace().grid(wl))
+    # The table holds what the run will search: the built-in space for the workload's GPUs.
+    rcs = list(SearchSpace.default_for(wl).grid(wl))
     comp, _ = StepPredictor(StepModels("fp", "cuda", Ceilings({"fp32": 4e14, "bf16": 7e14},
                                                               3e12))).compose(rcs)
     step = 3.0 * comp.compute_s.to_numpy() + 1e-3 * np.exp(comp.log_micro_batches.to_numpy())

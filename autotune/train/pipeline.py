@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from autotune.data import MicroBatch, SequenceSet, StepPlan
-from autotune.train.model import IGNORE_INDEX, Decoder
+from autotune.train.model import Decoder
 from autotune.train.step import materialize
 
 _WIDTH_STEP = 256
@@ -33,12 +32,15 @@ __all__ = ["PipelineRunner", "StageModule"]
 
 class StageModule(nn.Module):
     """One pipeline stage of the decoder: its layers, plus the embedding on the first stage
-    and the norm and output head on the last."""
+    and the norm, output head and loss on the last. The last stage outputs each
+    micro-batch's summed loss, not its logits: torch's stage keeps every micro-batch's
+    output until the step ends, which for logits is tokens x vocab x 4 bytes each (8.4 GB
+    for a 16K-token micro-batch of Llama 3), and the fused loss never makes them whole."""
 
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
-        self.meta: deque[tuple[torch.Tensor, Any]] = deque()
+        self.meta: deque[tuple[torch.Tensor, Any, torch.Tensor]] = deque()
         # What travels between stages: under autocast the residual stream is fp32, and
         # sending it so would double the bytes on the wire for nothing the next stage keeps.
         self.act_dtype: torch.dtype | None = None
@@ -48,12 +50,12 @@ class StageModule(nn.Module):
         return self.decoder.layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions, segments = self.meta.popleft()
+        positions, segments, labels = self.meta.popleft()
         d = self.decoder
         h = d.tok_embeddings(x[0]) if d.tok_embeddings is not None else x[0]
         h, _ = d.run_layers(h, positions, segments)
         if d.output is not None:
-            return d.output(d.norm(h)).unsqueeze(0)
+            return d.loss_sum(h, labels).float().reshape(1, 1)
         return h.unsqueeze(0).to(self.act_dtype or h.dtype)
 
 
@@ -91,10 +93,8 @@ class PipelineRunner:
 
         ctx = self.ctx
 
-        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))
-            return F.cross_entropy(logits, target[0], ignore_index=IGNORE_INDEX,
-                                   reduction="sum") * self._scale
+        def loss_fn(loss: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+            return loss[0, 0] * self._scale  # the stage's own summed loss (StageModule)
 
         # Static shapes: the schedule would otherwise infer them by running the stage on
         # meta tensors, which the per-micro-batch segments cannot follow.
@@ -103,7 +103,7 @@ class PipelineRunner:
         act = lambda *shape, dtype=self.act_dtype: torch.empty(  # noqa: E731
             shape, dtype=dtype, device=ctx.device, requires_grad=dtype.is_floating_point)
         inputs = act(1, width, dtype=torch.long) if ctx.is_first_stage else act(1, width, dims.hidden)
-        outputs = act(1, width, dims.vocab) if ctx.is_last_stage else act(1, width, dims.hidden)
+        outputs = act(1, 1, dtype=torch.float32) if ctx.is_last_stage else act(1, width, dims.hidden)
         stage = PipelineStage(
             self.module, ctx.pp_rank, ctx.pp, ctx.device, input_args=inputs, output_args=outputs,
             output_grads=None if ctx.is_last_stage else outputs,
@@ -121,7 +121,7 @@ class PipelineRunner:
         mbs: list[MicroBatch] = list(plan.micro_batches()) or [MicroBatch(())]
         width = self._width(max(max(mb.tokens for mb in mbs), 2))
         batches = [materialize(mb, seqs, batch_ids, ctx.device, pad_to=width) for mb in mbs]
-        self.module.meta = deque((b.positions, b.segments) for b in batches)
+        self.module.meta = deque((b.positions, b.segments, b.labels) for b in batches)
         sched = self._schedule_for(width, len(batches))
         self._scale = grad_scale
         losses: list[torch.Tensor] = []

@@ -36,6 +36,7 @@ def _build() -> argparse.ArgumentParser:
         import_cmd,
         kernels_cmd,
         measure_cmd,
+        memory_cmd,
         predict_cmd,
         profile_cmd,
         report_cmd,
@@ -49,7 +50,7 @@ def _build() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (run_cmd, train_cmd, measure_cmd, profile_cmd, trace_cmd, fit_cmd,
-                   predict_cmd, kernels_cmd, bench_cmd, report_cmd, export_cmd, import_cmd,
+                   predict_cmd, memory_cmd, kernels_cmd, bench_cmd, report_cmd, export_cmd, import_cmd,
                    worker_cmd):
         module.register(sub)
     return parser

@@ -189,6 +189,8 @@ class RunConfig(BaseModel):
             parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero_stage}")
             if p.pp > 1:
                 parts.append(p.pp_schedule)
+            if p.grad_reduce != "auto":
+                parts.append(f"gr-{p.grad_reduce}")
         if self.checkpointing.policy != "none":
             parts.append(f"ac-{self.checkpointing.policy}")
         k = self.kernels

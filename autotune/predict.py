@@ -38,6 +38,7 @@ from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
 from cost_models.step import (
     MEMORY_FEATURES,
+    MemoryModel,
     StepPrediction,
     activation_bytes_per_token,
     alpha_beta,
@@ -50,6 +51,17 @@ __all__ = ["StepPredictor", "complete_ceilings", "datasheet_models", "default_mo
 
 _FAMILIES = ("gemm", "attention", "norm", "loss")
 _DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucket
+# Bytes one token keeps for backward in one decoder block on GPUs, per unit of the hidden
+# width (never split by tp) and of the q, kv and ffn widths (split by tp): counted with
+# saved-tensor hooks on the reference block for each way the trainer runs bf16 (FSDP2's
+# mixed precision; autocast over fp32 parameters when dp = 1) and for fp32. The norms keep
+# float32 statistics and inputs, rotary embeddings a float32 copy of q and k.
+_SAVED_PER_TOKEN = {"mixed": (16, 4, 4, 8), "autocast": (22, 4, 4, 8), "fp32": (20, 8, 8, 16)}
+
+
+def _root_params(dims: ModelDims) -> int:
+    """Parameters outside the decoder blocks: embedding, lm head (unless tied), final norm."""
+    return dims.vocab * dims.hidden * (1 if dims.tie_embeddings else 2) + dims.hidden
 
 
 @dataclass
@@ -341,6 +353,8 @@ class StepPredictor:
             "op_runs": op_runs, "cpu_ranks_sharing": self._sharing(rc),
             "breakdown": breakdown, "sources": sources,
         }
+        if dev == "cuda":
+            return row, self._gpu_memory_units(rc, dims, plans, layers, ckpt)
         return row, self._memory_units(rc, dims, plans, layers, ckpt, act_bytes)
 
     @staticmethod
@@ -393,6 +407,82 @@ class StepPredictor:
                 prefix * layers * 2 * kv * act_bytes,
                 logits,
             ]))
+        return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
+
+    @staticmethod
+    def _gpu_memory_units(rc: RunConfig, dims: ModelDims, plans: _Plans, layers: int,
+                          ckpt: int) -> np.ndarray:
+        """The memory features of GPU configs, counted as the trainer holds them on GPUs
+        (and as ``autotune memory`` traces them): FSDP2's mixed precision where dp > 1 under
+        bf16 (fp32 master shards, bf16 gathered parameters), autocast over fp32 parameters
+        where dp = 1; the lm head and embedding never split by tp; FlashAttention keeps no
+        score matrices. With pp > 1, one row per unit for the first stage (the embedding,
+        1F1B's pp micro-batches in flight, GPipe's all) and for the last (the head and the
+        logits), so the peak is the worse stage's."""
+        p = rc.parallel
+        tp, h = p.tp, dims.hidden
+        mode = "fp32" if rc.precision.dtype != "bf16" else ("mixed" if p.dp > 1 else "autocast")
+        ch, cq, ckv, cf = _SAVED_PER_TOKEN[mode]
+        per_token = ch * h + (cq * dims.q_width + ckv * dims.kv_width + cf * dims.ffn) / tp
+        residual = 2 if mode == "mixed" else 4  # a checkpointed layer's saved input
+        compute_bytes = 4 if mode == "fp32" else 2  # gathered parameters, K/V state
+        block = (dims.total_params() - _root_params(dims)) / dims.layers / tp
+        embed = dims.vocab * h
+        head = 0 if dims.tie_embeddings else embed
+        last = head + h if p.pp > 1 else embed + head + h
+        # (parameters this stage holds beyond its blocks, whether it computes the loss)
+        stages = [(last, True)] if p.pp == 1 else [(embed, False), (last, True)]
+        loss_chunk = None
+        if rc.kernels.loss == "fused":
+            from kernels.tuned import DEFAULTS
+
+            loss_chunk = rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
+        sharded = p.zero_stage >= 1 and p.dp > 1
+        per_step = p.dp > 1 and p.reduce_per_step(rc.schedule.policy)
+        out = []
+        for r in range(len(plans.steps[0])):
+            s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
+            u = plans.units[s][r]
+            if not len(u):
+                continue
+            act_t, pairs, widest, prefix, logit_t = u.T
+            n_mb = float(plans.micro_batches[s, r])
+            for extra, has_loss in stages:
+                local = layers * block + extra
+                state = 16.0 * local / (p.dp if sharded else 1)
+                if mode == "autocast":  # bf16 copies of the weights, kept for backward
+                    gathered = 2.0 * local
+                elif p.dp == 1:
+                    gathered = 0.0
+                elif p.zero_stage == 3:  # the root's parameters and one block in flight
+                    gathered = compute_bytes * (extra + block)
+                elif mode == "mixed" or p.zero_stage in (1, 2):  # bf16 copies, or unsharded
+                    gathered = compute_bytes * local
+                else:
+                    gathered = 0.0
+                if per_step:  # gradients accumulated unsharded (fp32) until the step's sync
+                    gathered += 4.0 * local
+                if p.pp == 1 or has_loss:
+                    flight = 1.0
+                else:
+                    flight = n_mb if p.pp_schedule == "gpipe" else min(float(p.pp), n_mb)
+                logits = (workspace_bytes(logit_t, h, dims.vocab, loss_chunk, compute_bytes) * 2 / 3
+                          if has_loss else np.zeros(len(u)))
+                ones = np.ones(len(u))
+                # torch's pipeline stage keeps a receive buffer and an input gradient (or an
+                # output and its gradient) of every micro-batch of the step: tokens x
+                # hidden, counted with the checkpointed inputs
+                buffers = n_mb * act_t * h * 4.0 if p.pp > 1 else 0.0
+                out.append(np.column_stack([
+                    state * ones, gathered * ones,
+                    flight * act_t * (layers - ckpt) * per_token,
+                    flight * act_t * ckpt * h * residual + buffers,
+                    widest * per_token * (1.0 if ckpt else 0.0),
+                    pairs * (dims.heads // tp) * (layers - ckpt + (1 if ckpt else 0)) * compute_bytes
+                    * (1.0 if rc.kernels.attention == "eager" else 0.0),
+                    prefix * layers * 2 * (dims.kv_width // tp) * compute_bytes,
+                    logits,
+                ]))
         return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
 
     # ---- predictions --------------------------------------------------------------------
@@ -478,7 +568,9 @@ def prior_models(device: str = "cpu", dtypes: tuple[str, ...] = ("fp32", "bf16")
         return datasheet_models(device_name)
     ceil = Ceilings({d: matmul_ceiling(d, device).flops_per_s for d in dtypes},
                     copy_bandwidth(device).bytes_per_s, source="measured ceilings, prior only")
-    return StepModels(current_fingerprint(device, __version__).key(), device, ceil)
+    fingerprint = current_fingerprint(device, __version__).key()
+    memory = MemoryModel.traced_gpu() if device == "cuda" else None
+    return StepModels(fingerprint, device, ceil, memory=memory)
 
 
 def _gpu_here() -> bool:
@@ -502,7 +594,7 @@ def datasheet_models(device_name: str | None) -> StepModels:
     ceil = Ceilings({"bf16": row.peak_flops("bf16"), "fp32": row.peak_flops("fp32")},
                     row.memory_bandwidth_gbs * 1e9,
                     source=f"datasheet {row.name} (published peaks, not measured)")
-    return StepModels(f"datasheet:{row.name}", "cuda", ceil)
+    return StepModels(f"datasheet:{row.name}", "cuda", ceil, memory=MemoryModel.traced_gpu())
 
 
 def default_models(folder: str | Path | None, device: str = "cpu", *,

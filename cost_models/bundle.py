@@ -56,7 +56,7 @@ class StepModels:
         out = {f: f"{m.kind} ({m.n_train} cases)" for f, m in self.families.items()}
         out["ceilings"] = self.ceilings.source
         out["step_residual"] = f"{self.residual.n_measurements} measured steps"
-        out["memory"] = f"{self.memory.n_measurements} measured peaks"
+        out["memory"] = f"{self.memory.n_measurements} {self.memory.kind} peaks"
         return out
 
     def save(self, folder: Path) -> None:

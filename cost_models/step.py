@@ -64,6 +64,9 @@ MEMORY_FEATURES = (
     "logits",  # lm head output and its gradient, fp32
 )
 
+# The memory model of GPU configs, fitted on traced peaks (suites/memory_traces.py).
+GPU_MEMORY_FILE = Path(__file__).resolve().parent / "data" / "memory_gpu.json"
+
 # alpha (s), bandwidth (bytes/s) where no collective profile covers a group: a PCIe/NVLink
 # figure would be a guess too, so the label carries the word "nominal".
 NOMINAL_LINK = {"cpu": (5e-4, 1e9), "cuda": (2e-5, 5e10)}
@@ -257,6 +260,18 @@ class MemoryModel:
     coef: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MEMORY_FEATURES, 1.0))
     overhead_bytes: float = 0.0
     n_measurements: int = 0
+    kind: str = "measured"  # what the peaks it was fitted on are: measured, or traced
+
+    @classmethod
+    def traced_gpu(cls, path: Path = GPU_MEMORY_FILE) -> MemoryModel:
+        """The GPU memory model fitted on peaks traced at real size under fake tensors
+        (``python -m suites.memory_traces``); the counts of ``autotune.predict`` for CUDA
+        configs. Device-independent: the bytes a rank holds do not depend on the GPU."""
+        meta = json.loads(Path(path).read_text())
+        if sorted(meta["coef"]) != sorted(MEMORY_FEATURES):
+            raise ModelMismatch(f"{path}: another feature list; re-run python -m suites.memory_traces")
+        return cls("traced:gpu", {k: float(v) for k, v in meta["coef"].items()},
+                   float(meta["overhead_bytes"]), int(meta["n_traces"]), "traced")
 
     def unit_bytes(self, units: pd.DataFrame | np.ndarray) -> np.ndarray:
         """Predicted bytes per unit: a frame with the ``MEMORY_FEATURES`` columns, or an
@@ -271,12 +286,15 @@ class MemoryModel:
 
     @classmethod
     def fit(cls, units: pd.DataFrame, measured: pd.Series, fingerprint: str,
-            iterations: int = 4) -> MemoryModel:
+            iterations: int = 4, *, overhead: bool = True, kind: str = "measured") -> MemoryModel:
         """NNLS on the unit each config's peak comes from; the argmax unit depends on the
-        coefficients, so alternate a few times (starting from the analytic ones)."""
+        coefficients, so alternate a few times (starting from the analytic ones).
+        ``overhead``: fit the allocator's constant too (measured peaks have one; traced live
+        bytes do not, and a free constant would stand in for whatever term most configs
+        share)."""
         from scipy.optimize import nnls
 
-        model = cls(fingerprint)
+        model = cls(fingerprint, kind=kind)
         cols = list(MEMORY_FEATURES)
         for _ in range(iterations):
             pred = pd.Series(model.unit_bytes(units), index=units.index)
@@ -285,11 +303,14 @@ class MemoryModel:
             scale = measured.to_numpy(float)  # relative error: divide each row by its target
             a = np.column_stack([top[cols].to_numpy(float), np.ones(len(top))]) / scale[:, None]
             keep = a[:, :-1].any(axis=0)  # features no config exercises stay analytic
-            sol, _ = nnls(np.column_stack([a[:, :-1][:, keep], a[:, -1]]), np.ones(len(top)))
+            design = a[:, :-1][:, keep]
+            if overhead:
+                design = np.column_stack([design, a[:, -1]])
+            sol, _ = nnls(design, np.ones(len(top)))
             coef = dict(model.coef)
-            for name, value in zip([c for c, k in zip(cols, keep) if k], sol[:-1]):
+            for name, value in zip([c for c, k in zip(cols, keep) if k], sol):
                 coef[name] = float(value)
-            model = cls(fingerprint, coef, float(sol[-1]), len(top))
+            model = cls(fingerprint, coef, float(sol[-1]) if overhead else 0.0, len(top), kind)
         return model
 
     def save(self, folder: Path) -> None:

@@ -18,21 +18,24 @@ Fits = Callable[[RunConfig], bool]
 def memory_ladder(workload: Workload) -> Iterator[dict]:
     """The layouts users reach for as a model outgrows their devices, in the order they
     reach for them: data parallelism, then ZeRO 2 and 3 (the DeepSpeed autotuner's ladder),
-    then activation checkpointing, then tensor parallelism inside a node (over ZeRO 3 with
-    full checkpointing), then pipeline stages across nodes."""
+    then activation checkpointing, then a chunked (fused) loss, which never holds a long
+    sequence's logits whole (tokens x vocab in fp32: 16 GB for 32K tokens of Llama 3), then
+    tensor parallelism inside a node, then pipeline stages across nodes (both over ZeRO 3,
+    full checkpointing and the fused loss)."""
     world, dims = workload.world_size, workload.model.resolve()
     for zero in (0, 2, 3):
         yield {"parallel": {"dp": world, "zero_stage": zero}, "checkpointing": {"policy": "none"}}
     for ckpt in ("selective", "full"):
         yield {"parallel": {"dp": world, "zero_stage": 3}, "checkpointing": {"policy": ckpt}}
+    most = {"checkpointing": {"policy": "full"}, "kernels": {"loss": "fused"}}
+    yield {"parallel": {"dp": world, "zero_stage": 3}} | most
     node, nodes = workload.hardware.devices_per_node, workload.hardware.nodes
     for tp in (d for d in range(2, node + 1) if node % d == 0 and dims.heads % d == 0
                and dims.kv_heads % d == 0):
-        yield {"parallel": {"dp": world // tp, "tp": tp, "zero_stage": 3},
-               "checkpointing": {"policy": "full"}}
+        yield {"parallel": {"dp": world // tp, "tp": tp, "zero_stage": 3}} | most
     for pp in (d for d in range(2, nodes + 1) if nodes % d == 0 and dims.layers % d == 0):
         yield {"parallel": {"dp": world // (node * pp) or 1, "tp": node, "pp": pp,
-                            "zero_stage": 3}, "checkpointing": {"policy": "full"}}
+                            "zero_stage": 3}} | most
 
 
 def fitting_layout(workload: Workload, base: dict, fits: Fits | None) -> RunConfig:
@@ -44,9 +47,10 @@ def fitting_layout(workload: Workload, base: dict, fits: Fits | None) -> RunConf
     last = None
     for rung in memory_ladder(workload):
         for schedule in _smaller_micro_batches(base["schedule"]):
+            kernels = base.get("kernels", {}) | rung.get("kernels", {})
             try:
-                rc = RunConfig.model_validate({"workload": workload, **base,
-                                               "schedule": schedule, **rung})
+                rc = RunConfig.model_validate({"workload": workload, **base, "schedule": schedule,
+                                               **rung, "kernels": kernels})
             except ValueError:
                 continue  # a rung this policy or model cannot take (chunkflow under ZeRO 3)
             if fits is None or fits(rc):

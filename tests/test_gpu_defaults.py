@@ -40,14 +40,23 @@ def test_gpu_space_follows_the_model_data_memory_and_nodes() -> None:
     assert max(small.micro_batch_tokens) < 32768
 
 
-def test_memory_ladder_climbs_zero_then_checkpointing_then_tp_then_pp() -> None:
+def test_memory_ladder_climbs_zero_then_checkpointing_then_fused_loss_then_tp_then_pp() -> None:
     rungs = [(r["parallel"].get("tp", 1), r["parallel"].get("pp", 1),
-              r["parallel"]["zero_stage"], r["checkpointing"]["policy"])
+              r["parallel"]["zero_stage"], r["checkpointing"]["policy"],
+              r.get("kernels", {}).get("loss", "full"))
              for r in memory_ladder(_wl("llama3-70b", nodes=2))]
-    assert rungs[:5] == [(1, 1, 0, "none"), (1, 1, 2, "none"), (1, 1, 3, "none"),
-                         (1, 1, 3, "selective"), (1, 1, 3, "full")]
-    assert rungs[5:] == [(2, 1, 3, "full"), (4, 1, 3, "full"), (8, 1, 3, "full"),
-                         (8, 2, 3, "full")]
+    assert rungs[:6] == [(1, 1, 0, "none", "full"), (1, 1, 2, "none", "full"),
+                         (1, 1, 3, "none", "full"), (1, 1, 3, "selective", "full"),
+                         (1, 1, 3, "full", "full"), (1, 1, 3, "full", "fused")]
+    assert rungs[6:] == [(2, 1, 3, "full", "fused"), (4, 1, 3, "full", "fused"),
+                         (8, 1, 3, "full", "fused"), (8, 2, 3, "full", "fused")]
+
+
+def test_a_rung_keeps_the_base_kernels_it_does_not_change() -> None:
+    base = {"schedule": {"policy": "pack", "micro_batch_tokens": 4096},
+            "kernels": {"attention": "varlen"}, "precision": {"dtype": "bf16"}}
+    rc = fitting_layout(_wl(), base, lambda rc: rc.kernels.loss == "fused")
+    assert (rc.kernels.attention, rc.kernels.loss, rc.parallel.tp) == ("varlen", "fused", 1)
 
 
 def test_fitting_layout_takes_the_first_rung_that_fits_and_halves_padded_batches() -> None:

@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUNDIR", help="continue the run in RUNDIR")
     p.add_argument("--storage", help="Optuna storage URL of the measured trials "
                                      "(default sqlite:///RUNDIR/study.db)")
+    p.add_argument("--no-memory-trace", dest="memory_trace", action="store_false",
+                   help="on GPUs, measure candidates without first tracing their peak memory "
+                        "at real size (autotune memory); by default one traced over the cap "
+                        "is recorded as out of memory without running it")
     p.add_argument("--replay", action="append", metavar="TABLE",
                    help="answer measurements from a recorded table instead of running them")
     p.add_argument("--plan-only", action="store_true",
@@ -205,6 +209,14 @@ def run(args: argparse.Namespace) -> int:
             return base_done[config_key(rc)].measurement
         if source is not None:
             return source(rc, n)
+        if args.memory_trace and rc.workload.hardware.device == "cuda":
+            from autotune.memtrace import confirm_fits
+
+            bar.set_postfix_str(f"{rc.label()}: tracing its memory")
+            refused = confirm_fits(rc)
+            if refused is not None:
+                return refused
+            bar.set_postfix_str(rc.label())
         return measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
                        workdir=workdir or rundir.trial_path(n),
                        env={"AUTOTUNE_TRIAL": str(n)})

@@ -15,7 +15,7 @@ logits instead of all of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,24 @@ _DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucke
 # mixed precision; autocast over fp32 parameters when dp = 1) and for fp32. The norms keep
 # float32 statistics and inputs, rotary embeddings a float32 copy of q and k.
 _SAVED_PER_TOKEN = {"mixed": (16, 4, 4, 8), "autocast": (22, 4, 4, 8), "fp32": (20, 8, 8, 16)}
+
+
+def _loss_chunk(rc: RunConfig) -> int | None:
+    """Tokens per chunk of the fused loss; None for the full loss (all logits at once)."""
+    if rc.kernels.loss != "fused":
+        return None
+    from kernels.tuned import DEFAULTS
+
+    return rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
+
+
+def _heaviest_steps(plans: _Plans) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(step, rank, unit rows) of each data-parallel rank's heaviest priced step, as
+    ``autotune measure`` would meet its peak; ranks without work are skipped."""
+    for r in range(len(plans.steps[0])):
+        s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
+        if len(plans.units[s][r]):
+            yield s, r, plans.units[s][r]
 
 
 def _root_params(dims: ModelDims) -> int:
@@ -380,18 +398,9 @@ class StepPredictor:
         else:
             state = params * 4 * 4 / p.dp
             gathered = params * 4 if p.zero_stage < 3 else params * 4 * 2 / max(layers, 1)
-        loss_chunk = None
-        if rc.kernels.loss == "fused":
-            from kernels.tuned import DEFAULTS
-
-            loss_chunk = rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
+        loss_chunk = _loss_chunk(rc)
         out = []
-        for r in range(len(plans.steps[0])):
-            # the heaviest step of this rank, as the measurement picks it
-            s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
-            u = plans.units[s][r]
-            if not len(u):
-                continue
+        for _, _, u in _heaviest_steps(plans):
             act_t, pairs, widest, prefix, logit_t = u.T
             ones = np.ones(len(u))
             # The loss's workspace scaled so that full logits count T x V x 8 bytes as ever
@@ -432,19 +441,11 @@ class StepPredictor:
         last = head + h if p.pp > 1 else embed + head + h
         # (parameters this stage holds beyond its blocks, whether it computes the loss)
         stages = [(last, True)] if p.pp == 1 else [(embed, False), (last, True)]
-        loss_chunk = None
-        if rc.kernels.loss == "fused":
-            from kernels.tuned import DEFAULTS
-
-            loss_chunk = rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
+        loss_chunk = _loss_chunk(rc)
         sharded = p.zero_stage >= 1 and p.dp > 1
         per_step = p.dp > 1 and p.reduce_per_step(rc.schedule.policy)
         out = []
-        for r in range(len(plans.steps[0])):
-            s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
-            u = plans.units[s][r]
-            if not len(u):
-                continue
+        for s, r, u in _heaviest_steps(plans):
             act_t, pairs, widest, prefix, logit_t = u.T
             n_mb = float(plans.micro_batches[s, r])
             for extra, has_loss in stages:

@@ -68,11 +68,18 @@ UP_FRONT = {
 }
 
 
-@pytest.mark.parametrize("case", list(IN_THE_RANK))
-def test_a_config_the_rank_cannot_build_is_refused_in_one_line(tmp_path: Path, case: str) -> None:
-    edit, words = IN_THE_RANK[case]
+def test_a_config_the_rank_cannot_build_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The whole command, as users run it: no traceback from the rank's process either."""
+    edit, words = IN_THE_RANK["cannot be built"]
     proc = _run(str(_write(tmp_path, edit)))
     _refused(proc.returncode, proc.stdout, proc.stderr, words)
+
+
+def test_a_layout_the_model_rejects_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    edit, words = IN_THE_RANK["layout the model rejects"]
+    code = main(["memory", str(_write(tmp_path, edit))])
+    _refused(code, *capsys.readouterr(), words)
 
 
 @pytest.mark.parametrize("case", list(UP_FRONT))

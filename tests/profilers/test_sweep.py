@@ -112,6 +112,7 @@ def _profile_argv(out: Path, workload: Path, space: Path) -> list[str]:
             "--min-time-s", "0.01", "--windows", "3", "--json"]
 
 
+@pytest.mark.slow  # 26 s; a killed driver's resume is also checked in tests/faults
 def test_a_killed_sweep_resumes_to_the_same_records(tmp_path: Path) -> None:
     workload, space = tmp_path / "w.yaml", tmp_path / "s.yaml"
     workload.write_text(yaml.safe_dump({"model": TINY_MODEL,

@@ -64,6 +64,7 @@ def test_every_contender_is_a_valid_config_of_the_workload() -> None:
             assert rc.seed == 3 and rc.parallel.dp == suite.nproc
 
 
+@pytest.mark.slow  # 45 s: a whole bench run; its parts have fast tests of their own
 def test_bench_runs_to_the_target_and_every_log_passes_the_checker(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench"

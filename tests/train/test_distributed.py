@@ -90,7 +90,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# dp x tp composes two layouts each checked alone (and built together at world 64 under fake
+# tensors, tests/train/test_gpu_scale.py): run with -m slow, to keep make test short.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "dp-x-tp" else c
+                                  for c in CASES])
 def test_parallel_run_matches_single_process(case: str, tmp_path: Path) -> None:
     parallel, schedule = CASES[case]
     cfg = _config(parallel, **schedule)

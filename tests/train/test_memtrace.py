@@ -114,6 +114,7 @@ def test_pipeline_stage_extended_from_three_runs_matches_the_whole_trace(
         assert extended["breakdown"][key] == whole["breakdown"][key]
 
 
+@pytest.mark.slow  # 24 s; python -m suites.memory_traces traces 28 real-size configs
 def test_llama3_8b_on_8_gpus_at_real_size_by_hand(tmp_path: Path) -> None:
     cfg = {"workload": {"model": {"preset": "llama3-8b"},
                         "data": {"preset": "longsft", "num_sequences": 4096, "max_len": 32768},
@@ -147,9 +148,9 @@ def test_llama3_8b_on_8_gpus_at_real_size_by_hand(tmp_path: Path) -> None:
 
 
 def test_a_gpu_trial_traced_over_the_cap_is_recorded_out_of_memory_without_running(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`autotune run` on GPUs confirms each candidate with a trace before measuring it."""
-    from autotune.memtrace import confirm_fits, trace_memory
+    import autotune.memtrace as memtrace
     from profilers.records import Status
 
     cfg = yaml.safe_load(_config(tmp_path, workload={
@@ -158,13 +159,15 @@ def test_a_gpu_trial_traced_over_the_cap_is_recorded_out_of_memory_without_runni
         "budget": {"global_batch_tokens": 1024}},
         kernels={"attention": "varlen"}, precision={"dtype": "bf16"}).read_text())
     rc = RunConfig.model_validate(cfg)
-    traced = trace_memory(rc).rank.peak_bytes
+    trace = memtrace.trace_memory(rc)  # real, once; the cap does not change what is traced
+    traced = trace.rank.peak_bytes
+    monkeypatch.setattr(memtrace, "trace_memory", lambda *a, **k: trace)
     assert 2**16 < traced < 2**30  # a 2-layer model: between the two caps below
     capped = {cap: rc.model_copy(update={"workload": rc.workload.model_copy(update={
         "budget": rc.workload.budget.model_copy(update={"memory_cap_gb": cap})})})
         for cap in (2**-14, 1.0)}
-    assert confirm_fits(capped[1.0]) is None
-    got = confirm_fits(capped[2**-14])
+    assert memtrace.confirm_fits(capped[1.0]) is None
+    got = memtrace.confirm_fits(capped[2**-14])
     assert got.status == Status.OOM and got.peak_mem_bytes == traced
     assert f"{traced / 2**20:,.2f} MiB per rank" in got.reason and "not run" in got.reason
     assert "over the memory cap of 0.06 MiB" in got.reason

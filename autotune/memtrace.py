@@ -143,6 +143,11 @@ class MemoryTrace:
     rank: RankMemory
     stages: list[RankMemory] = field(default_factory=list)  # pp > 1: first rank of each stage
 
+    @property
+    def peak_bytes(self) -> int:
+        """The config's peak: the worst rank traced."""
+        return max([self.rank.peak_bytes] + [s.peak_bytes for s in self.stages])
+
     def to_json_dict(self) -> dict[str, Any]:
         r = self.rank
         out: dict[str, Any] = {
@@ -180,19 +185,13 @@ def heaviest_rank(rc: RunConfig, *, warmup: int = 1, steps: int = 3) -> int:
     """The first rank (stage 0, tp 0) of the data-parallel replica with the heaviest work in
     the timed global batches: the most tokens in one unit, then in one step. Planned as the
     trainer plans (its seeded stream, its policy), from the lengths alone."""
-    from autotune.data import global_batches, load_lengths, make_policy
+    from autotune.data import load_lengths, timed_plans
 
     dims = rc.workload.model.resolve()
-    data = load_lengths(rc.workload.data, dims)
-    policy = make_policy(rc, dims, data_max_len=data.max_len)
-    stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
-                            seed=rc.seed)
-    for _ in range(warmup):
-        next(stream)
+    lengths = load_lengths(rc.workload.data, dims).lengths
     load: dict[int, tuple[int, int]] = {}
-    for _ in range(steps):
-        ids = next(stream)
-        for r, plan in enumerate(policy.plan_ranks(data.lengths[ids], rc.parallel.dp)):
+    for _, plans in timed_plans(rc, lengths, dims, warmup=warmup, steps=steps):
+        for r, plan in enumerate(plans):
             work = [_tokens(u) for u in plan.units]
             load[r] = max(load.get(r, (0, 0)), (max(work, default=0), sum(work)))
     replica = max(sorted(load), key=lambda r: load[r])
@@ -263,7 +262,7 @@ def confirm_fits(rc: RunConfig, *, timeout_s: float = 900.0) -> Measurement | No
         trace = trace_memory(rc, timeout_s=timeout_s)
     except (UserError, TraceFailed):
         return None
-    peak = max([trace.rank.peak_bytes] + [s.peak_bytes for s in trace.stages])
+    peak = trace.peak_bytes
     cap_gb = rc.workload.budget.memory_cap_gb
     if peak <= cap_gb * 2**30:
         return None
@@ -350,6 +349,7 @@ def trace_rank(rc: RunConfig, *, rank: int = 0, warmup: int = 1, steps: int = 3,
     shorter runs (slow; it checks the extension). Leaves DTensor state behind that a later
     call for another rank must not meet: one call per process (``trace_memory`` does)."""
     from autotune.train.distributed import fake_parallel
+    from autotune.train.trainer import Trainer
 
     problem = untraceable(rc)
     if problem:
@@ -358,7 +358,9 @@ def trace_rank(rc: RunConfig, *, rank: int = 0, warmup: int = 1, steps: int = 3,
     # As init_parallel does for real runs: ChunkFlow's segment-0 keys and values are views.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     with fake_parallel(rc, rank=rank) as ctx:
-        trainer = _build(rc, ctx=ctx, rank=rank)
+        # What the trainer refuses as bad input (a tuning cache it cannot read) is a
+        # UserError already; anything else it raises is a failure, not the user's input.
+        trainer = Trainer(rc, ctx=ctx, time_compute=False)
         batches = _timed_batches(trainer, warmup=warmup, steps=steps)
         _warm_up(trainer, batches[0][0])
         top = max(_peaks(trainer, batches, full_pipeline=full_pipeline),
@@ -367,19 +369,6 @@ def trace_rank(rc: RunConfig, *, rank: int = 0, warmup: int = 1, steps: int = 3,
                       breakdown=top.breakdown, seconds=time.perf_counter() - t0,
                       traced=f"global batch {warmup + top.batch}: {top.what}",
                       tracker=top.tracker, global_batch=warmup + top.batch)
-
-
-def _build(rc: RunConfig, *, ctx: Any, rank: int) -> Any:
-    """The trainer of this rank; a config the model or its sharding rejects is bad input."""
-    from autotune.train.trainer import Trainer
-
-    try:
-        return Trainer(rc, ctx=ctx, time_compute=False)
-    except UserError:
-        raise
-    except (ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
-        raise UserError(f"{rc.label()}: rank {rank} cannot be built: "
-                        f"{_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from autotune.config import RunConfig, Workload
+from autotune.config._space import tp_degrees
 
-__all__ = ["baseline_configs", "device_defaults", "fitting_layout", "memory_ladder"]
+__all__ = ["baseline_configs", "device_defaults", "fitting_layout", "ladder_fits", "memory_ladder"]
 
 Fits = Callable[[RunConfig], bool]
 
@@ -30,8 +31,7 @@ def memory_ladder(workload: Workload) -> Iterator[dict]:
     most = {"checkpointing": {"policy": "full"}, "kernels": {"loss": "fused"}}
     yield {"parallel": {"dp": world, "zero_stage": 3}} | most
     node, nodes = workload.hardware.devices_per_node, workload.hardware.nodes
-    for tp in (d for d in range(2, node + 1) if node % d == 0 and dims.heads % d == 0
-               and dims.kv_heads % d == 0):
+    for tp in (d for d in tp_degrees(workload) if d > 1):
         yield {"parallel": {"dp": world // tp, "tp": tp, "zero_stage": 3}} | most
     for pp in (d for d in range(2, nodes + 1) if nodes % d == 0 and dims.layers % d == 0):
         yield {"parallel": {"dp": world // (node * pp) or 1, "tp": node, "pp": pp,
@@ -57,6 +57,18 @@ def fitting_layout(workload: Workload, base: dict, fits: Fits | None) -> RunConf
                 return rc
             last = rc
     return last if last is not None else RunConfig.model_validate({"workload": workload, **base})
+
+
+def ladder_fits(workload: Workload, models) -> Fits | None:  # noqa: ANN001 - StepModels
+    """What decides a rung of the memory ladder: on GPUs, the step model's peak within the
+    cap less the search's margin; on a CPU nothing (plain data parallelism, which the small
+    CPU workloads always fit)."""
+    if workload.hardware.device != "cuda":
+        return None
+    from autotune.predict import fits_in_memory
+    from autotune.search import MEMORY_MARGIN
+
+    return fits_in_memory(models, margin=MEMORY_MARGIN)
 
 
 def _smaller_micro_batches(schedule: dict) -> list[dict]:

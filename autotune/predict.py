@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from autotune.config import ModelDims, RunConfig
-from autotune.data import global_batches, load_lengths, make_policy
+from autotune.data import load_lengths, timed_plans
 from autotune.data.plan import ChunkGroup, StepPlan
 from autotune.errors import UserError
 from autotune.step_ops import (
@@ -75,11 +75,6 @@ def _heaviest_steps(plans: _Plans) -> Iterator[tuple[int, int, np.ndarray]]:
         s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
         if len(plans.units[s][r]):
             yield s, r, plans.units[s][r]
-
-
-def _root_params(dims: ModelDims) -> int:
-    """Parameters outside the decoder blocks: embedding, lm head (unless tied), final norm."""
-    return dims.vocab * dims.hidden * (1 if dims.tie_embeddings else 2) + dims.hidden
 
 
 @dataclass
@@ -136,23 +131,20 @@ class StepPredictor:
                 wl.budget.global_batch_tokens, rc.schedule.model_dump_json(), rc.parallel.dp,
                 rc.seed)
 
+    def _lengths(self, rc: RunConfig, dims: ModelDims):  # noqa: ANN202 - Lengths
+        """The workload's sequence lengths, drawn once per data and model."""
+        key = rc.workload.data.model_dump_json() + rc.workload.model.model_dump_json()
+        if key not in self._data:
+            self._data[key] = load_lengths(rc.workload.data, dims)
+        return self._data[key]
+
     def _plans_for(self, rc: RunConfig, key: tuple, dims: ModelDims) -> _Plans:
         if key in self._plans:
             return self._plans[key]
-        dkey = key[1] + key[0]
-        if dkey not in self._data:
-            self._data[dkey] = load_lengths(rc.workload.data, dims)
-        data = self._data[dkey]
-        policy = make_policy(rc, dims, data_max_len=data.max_len)
-        stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
-                                seed=rc.seed)
-        for _ in range(self.warmup):
-            next(stream)
-        steps, real = [], []
-        for _ in range(self.steps):
-            ids = next(stream)
-            steps.append(policy.plan_ranks(data.lengths[ids], rc.parallel.dp))
-            real.append(int(data.lengths[ids].sum()))
+        data = self._lengths(rc, dims)
+        timed = timed_plans(rc, data.lengths, dims, warmup=self.warmup, steps=self.steps)
+        steps = [ranks for _, ranks in timed]
+        real = [int(data.lengths[ids].sum()) for ids, _ in timed]
         units = [[_unit_rows(p) for p in ranks] for ranks in steps]
         padded = np.array([[sum(mb.tokens for mb in p.micro_batches()) for p in r] for r in steps], float)
         mbs = np.array([[sum(1 for _ in p.micro_batches()) for p in r] for r in steps], float)
@@ -435,9 +427,10 @@ class StepPredictor:
         per_token = ch * h + (cq * dims.q_width + ckv * dims.kv_width + cf * dims.ffn) / tp
         residual = 2 if mode == "mixed" else 4  # a checkpointed layer's saved input
         compute_bytes = 4 if mode == "fp32" else 2  # gathered parameters, K/V state
-        block = (dims.total_params() - _root_params(dims)) / dims.layers / tp
+        # outside the blocks: the embedding, the lm head (unless tied) and the final norm
         embed = dims.vocab * h
         head = 0 if dims.tie_embeddings else embed
+        block = (dims.total_params() - embed - head - h) / dims.layers / tp
         last = head + h if p.pp > 1 else embed + head + h
         # (parameters this stage holds beyond its blocks, whether it computes the loss)
         stages = [(last, True)] if p.pp == 1 else [(embed, False), (last, True)]
@@ -504,13 +497,11 @@ class StepPredictor:
         """Model FLOPs per real token of ``rc``'s data, as ``train.flops.model_flops`` counts
         a step (6 x matmul parameters, plus causal attention's term, which grows with each
         sequence's length: sum of squares over sum of lengths)."""
+        from autotune.train.flops import model_flops
+
         dims = rc.workload.model.resolve()
-        dkey = rc.workload.data.model_dump_json() + rc.workload.model.model_dump_json()
-        if dkey not in self._data:
-            self._data[dkey] = load_lengths(rc.workload.data, dims)
-        s = np.asarray(self._data[dkey].lengths, dtype=np.float64)
-        return float(6.0 * dims.matmul_params()
-                     + 6.0 * dims.layers * dims.q_width * (s * s).sum() / s.sum())
+        lengths = self._lengths(rc, dims).lengths
+        return model_flops(dims, lengths) / float(lengths.sum())
 
     def utilization(self, rc: RunConfig, tokens_per_s: float) -> dict[str, float]:
         """Per-device throughput and MFU over the ceiling the models price with (a measured
@@ -533,11 +524,13 @@ class StepPredictor:
 def fits_in_memory(models: StepModels, *, margin: float):  # noqa: ANN201 - Fits
     """A memory check for ``autotune.portfolio``: whether a config's predicted peak stays
     ``margin`` below its workload's memory cap."""
+    from autotune.search import memory_limit
+
     predictor = StepPredictor(models)
 
     def fits(rc: RunConfig) -> bool:
-        cap = rc.workload.budget.memory_cap_gb * 2**30 * (1 - margin)
-        return bool(predictor.predict_many([rc]).peak_mem_bytes.iloc[0] <= cap)
+        limit = memory_limit(rc.workload, margin)
+        return bool(predictor.predict_many([rc]).peak_mem_bytes.iloc[0] <= limit)
 
     return fits
 

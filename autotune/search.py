@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from autotune.calibrate import canary_drift
-from autotune.config import RunConfig
+from autotune.config import RunConfig, Workload
 from autotune.errors import StorageFailure, UserError
 from autotune.predict import StepPredictor
 from cost_models.bundle import StepModels
@@ -34,7 +34,7 @@ from cost_models.step import MemoryModel, ResidualModel
 from profilers.records import Measurement, Status
 
 __all__ = ["MEMORY_MARGIN", "Ranker", "ReplaySource", "Trial", "TrialLog", "config_key",
-           "guided_search", "storage_errors"]
+           "guided_search", "memory_limit", "storage_errors"]
 
 
 def config_key(rc: RunConfig) -> str:
@@ -173,6 +173,11 @@ def _measured_table(trials: Sequence[Trial], index: dict[str, int]) -> pd.DataFr
 MEMORY_MARGIN = 0.1
 
 
+def memory_limit(workload: Workload, margin: float = MEMORY_MARGIN) -> float:
+    """Bytes a candidate's predicted peak per device may reach: the cap less the margin."""
+    return workload.budget.memory_cap_gb * 2**30 * (1 - margin)
+
+
 class Ranker:
     """The search's ranking: every candidate priced by the step model, recalibrated on the
     measurements so far; ``picks`` are the untried candidates that fit the memory cap with
@@ -188,7 +193,7 @@ class Ranker:
         self.comp, unit_arrays = predictor.compose(self.candidates)
         self.units = StepPredictor.unit_frame(unit_arrays)
         self.index = {config_key(rc): i for i, rc in enumerate(self.candidates)}
-        self.cap = np.array([rc.workload.budget.memory_cap_gb * 2**30 for rc in self.candidates])
+        self.limit = np.array([memory_limit(rc.workload, margin) for rc in self.candidates])
 
     def picks(self, trials: Sequence[Trial], exclude: Iterable[str] = ()
               ) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -207,7 +212,7 @@ class Ranker:
         step_s = residual.predict(comp)
         tokens = comp.tokens_per_step.to_numpy() / step_s
         peak = memory.peak(units).reindex(range(len(self.candidates))).to_numpy()
-        fits = peak <= self.cap * (1 - self.margin)
+        fits = peak <= self.limit
         skip = {config_key(t.rc) for t in trials} | set(exclude)
         order = [int(i) for i in np.argsort(-tokens)
                  if fits[i] and config_key(self.candidates[i]) not in skip]

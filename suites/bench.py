@@ -42,7 +42,7 @@ from autotune import __version__
 from autotune.config import RunConfig, Workload, dump_yaml, load_yaml, save_yaml
 from autotune.errors import UserError
 from autotune.launch import Launch
-from autotune.portfolio import Fits, device_defaults, fitting_layout
+from autotune.portfolio import Fits, device_defaults, fitting_layout, ladder_fits
 from profilers.fingerprint import current_fingerprint
 from profilers.isolation import guarded, run_isolated
 from profilers.records import Status
@@ -165,16 +165,15 @@ def contender_config(name: str, wl: Workload, seed: int, dtype: str = "fp32", *,
 
 
 def contender_fits(wl: Workload) -> Fits | None:
-    """On GPUs, contenders climb the memory ladder until the step model predicts they fit
-    (a contender that runs out of memory would measure nothing); CPU suites keep plain data
-    parallelism, which their small models always fit."""
+    """On GPUs, contenders climb the memory ladder until the prior step model predicts they
+    fit (a contender that runs out of memory would measure nothing), as ``autotune run``'s
+    baselines do (``autotune.portfolio.ladder_fits``); CPU suites keep plain data
+    parallelism."""
     if wl.hardware.device != "cuda":
         return None
     from autotune.cli.predict_cmd import load_models
-    from autotune.predict import fits_in_memory
-    from autotune.search import MEMORY_MARGIN
 
-    return fits_in_memory(load_models("prior", wl.hardware), margin=MEMORY_MARGIN)
+    return ladder_fits(wl, load_models("prior", wl.hardware))
 
 
 def olympic_mean(times: list[float]) -> float | None:

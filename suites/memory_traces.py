@@ -110,16 +110,30 @@ def _key(rc: RunConfig) -> str:
     return f"{w.model.preset}@{w.hardware.nodes}x{w.hardware.devices_per_node}:{rc.label()}"
 
 
+def _traces(out: Path) -> pd.DataFrame:
+    path = out / "traces.parquet"
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame({"key": []})
+
+
+def _rows_of(table: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.DataFrame:
+    """The traced rows of ``configs``, in their order (those not traced yet left out)."""
+    keys = [_key(RunConfig.model_validate(c)) for c in configs]
+    have = set(table["key"])
+    return table.set_index("key").loc[[k for k in keys if k in have]].reset_index()
+
+
 def trace_all(configs: list[dict[str, Any]], out: Path, *, retrace: bool) -> pd.DataFrame:
-    """Trace every config not yet in ``out/traces.parquet``; the table is rewritten after
-    each one, so an interrupted run keeps what it traced."""
+    """Trace every config not yet in ``out/traces.parquet`` (with ``retrace``, these configs
+    again; other rows are kept); the table is rewritten after each one, so an interrupted
+    run keeps what it traced."""
     from autotune.memtrace import trace_memory
 
     path = out / "traces.parquet"
-    table = pd.read_parquet(path) if path.is_file() and not retrace else pd.DataFrame()
-    done = set(table["key"]) if len(table) else set()
     rcs = [RunConfig.model_validate(c) for c in configs]
-    todo = [rc for rc in rcs if _key(rc) not in done]
+    table = _traces(out)
+    if retrace:
+        table = table[~table["key"].isin({_key(rc) for rc in rcs})]
+    todo = [rc for rc in rcs if _key(rc) not in set(table["key"])]
     for rc in tqdm(todo, desc="tracing", unit="config", file=sys.stderr):
         t = trace_memory(rc)
         r = t.rank
@@ -133,8 +147,7 @@ def trace_all(configs: list[dict[str, Any]], out: Path, *, retrace: bool) -> pd.
         tmp = path.with_suffix(".tmp")
         table.to_parquet(tmp, index=False)
         tmp.replace(path)
-    keys = [_key(rc) for rc in rcs]
-    return table.set_index("key").loc[[k for k in keys if k in set(table["key"])]].reset_index()
+    return _rows_of(table, configs)
 
 
 def _traced_peak(row: pd.Series) -> int:
@@ -242,14 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrace", action="store_true", help="trace configs already in the table")
     p.add_argument("--fit-only", action="store_true", help="refit on the committed traces")
     args = p.parse_args(argv)
-    configs = CONFIGS
     if args.only:
-        configs = [c for c in CONFIGS if args.only in _key(RunConfig.model_validate(c))]
-    if not args.fit_only:
-        trace_all(configs, args.out, retrace=args.retrace)
-    table = trace_all(CONFIGS, args.out, retrace=False) if not args.only else None
-    if table is None:
+        trace_all([c for c in CONFIGS if args.only in _key(RunConfig.model_validate(c))],
+                  args.out, retrace=args.retrace)
         return 0
+    table = (_rows_of(_traces(args.out), CONFIGS) if args.fit_only
+             else trace_all(CONFIGS, args.out, retrace=args.retrace))
     model, errors = fit(table)
     save_model(model, len(table))
     write_report(model, table, errors, args.out)

@@ -147,17 +147,17 @@ def run(args: argparse.Namespace) -> int:
     from autotune.data import load_lengths
     from autotune.launch import Launch
     from autotune.measure import measure
-    from autotune.portfolio import baseline_configs
+    from autotune.portfolio import baseline_configs, ladder_fits
     from autotune.predict import StepPredictor
     from autotune.report import render_report
     from autotune.rundir import validate_name
     from autotune.search import (
-        MEMORY_MARGIN,
         ReplaySource,
         Trial,
         TrialLog,
         config_key,
         guided_search,
+        memory_limit,
     )
 
     wl, user_rc = _workload(args)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no valid config of the search space fits {wl.world_size} device(s) "
                         f"of this workload")
     predicted = StepPredictor(models, warmup=args.warmup, steps=args.steps).predict_many(candidates)
-    if predicted.peak_mem_bytes.min() > wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN):
+    if predicted.peak_mem_bytes.min() > memory_limit(wl):
         _refuse_unfit(wl, predicted)
     source = ReplaySource(args.replay) if args.replay else None
     log = TrialLog(args.storage) if args.storage else None  # an unreachable URL: before any file
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The baseline users run without tuning (their own config when they gave one) is
     # always measured, first, so the report can say what tuning bought.
-    baseline = space.canonical(user_rc or baseline_configs(wl, fits=_fits(wl, models))[0])
+    baseline = space.canonical(user_rc or baseline_configs(wl, fits=ladder_fits(wl, models))[0])
     if not any(t.rc.model_dump_json() == baseline.model_dump_json() for t in done):
         trial = Trial(len(done), baseline, measure_one(baseline, len(done)))
         record(trial)
@@ -383,25 +383,13 @@ def default_budget_s(wl: Workload, predicted, trials: int, *, warmup: int, steps
     """Seconds of measuring that ``trials`` of the best predicted candidates need (their
     median predicted step, the warm-up, timed and replayed steps, start-up), and never less
     than DEFAULT_BUDGET_S: an 8B model's trial takes minutes where a CPU's takes seconds."""
-    from autotune.search import MEMORY_MARGIN
+    from autotune.search import memory_limit
 
-    fits = predicted[predicted.peak_mem_bytes <= wl.budget.memory_cap_gb * 2**30
-                     * (1 - MEMORY_MARGIN)]
+    fits = predicted[predicted.peak_mem_bytes <= memory_limit(wl)]
     best = fits.sort_values("tokens_per_s", ascending=False).head(10)
     step_s = float(best.step_time_s.median()) if len(best) else 0.0
     per_trial = TRIAL_START_S[wl.hardware.device] + (warmup + steps + 1) * step_s
     return max(DEFAULT_BUDGET_S, trials * per_trial)
-
-
-def _fits(wl: Workload, models):  # noqa: ANN001, ANN202
-    """On GPUs, baselines climb the memory ladder until predicted to fit, as users do; on a
-    CPU they stay plain data parallelism (the small default workload always fits)."""
-    if wl.hardware.device != "cuda":
-        return None
-    from autotune.predict import fits_in_memory
-    from autotune.search import MEMORY_MARGIN
-
-    return fits_in_memory(models, margin=MEMORY_MARGIN)
 
 
 def _space(args: argparse.Namespace, wl: Workload, longest: int):  # noqa: ANN202
@@ -528,11 +516,11 @@ def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, mo
     """Rank the space from the models alone and write plan.md: the best predicted configs
     that fit, and how the best one scales with the node count. Nothing is measured."""
     from autotune.predict import StepPredictor
-    from autotune.search import MEMORY_MARGIN
+    from autotune.search import MEMORY_MARGIN, memory_limit
 
     wl = candidates[0].workload
     predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
-    feasible = predicted.peak_mem_bytes <= wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN)
+    feasible = predicted.peak_mem_bytes <= memory_limit(wl)
     order = list(predicted[feasible].sort_values("tokens_per_s", ascending=False).index)
     top = [_plan_row(candidates[i], predicted.loc[i], predictor) for i in order[:10]]
     lines = ["# autotune plan (predicted, nothing measured)", "",
@@ -579,14 +567,14 @@ def _scaling(args: argparse.Namespace, space, wl: Workload, candidates: list, pr
     """The best predicted config on 1, 2, 4, ... nodes up to the workload's: the knobs of
     the 50 best configs here, laid out again over each node count's devices and priced
     (the global batch stays the same, so tokens per device fall as nodes are added)."""
-    from autotune.search import MEMORY_MARGIN
+    from autotune.search import memory_limit
 
     counts = sorted({n for n in (1 << i for i in range(wl.hardware.nodes.bit_length()))
                      if n <= wl.hardware.nodes} | {wl.hardware.nodes})
     if len(counts) == 1:
         return []
     keep = {_knobs(candidates[i]) for i in order[:50]}
-    cap = wl.budget.memory_cap_gb * 2**30 * (1 - MEMORY_MARGIN)
+    cap = memory_limit(wl)
     rows = []
     for n in counts:
         if n == wl.hardware.nodes:

@@ -51,9 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def worker(args: argparse.Namespace) -> int:
     from autotune.cli.predict_cmd import load_models
-    from autotune.cli.run_cmd import _candidates, _fits, _space, _workload
+    from autotune.cli.run_cmd import _candidates, _space, _workload
+    from autotune.data import load_lengths
     from autotune.measure import measure
-    from autotune.portfolio import baseline_configs
+    from autotune.portfolio import baseline_configs, ladder_fits
     from autotune.rundir import validate_name
     from autotune.scaleout import SharedStudy, next_pick, work
     from autotune.search import Ranker, ReplaySource, storage_errors
@@ -65,7 +66,8 @@ def worker(args: argparse.Namespace) -> int:
     # Before the models and the space: a storage out of reach is refused at once.
     shared = SharedStudy(args.storage, args.study, heartbeat_s=args.heartbeat, grace_s=args.grace)
     models = load_models(args.models, wl.hardware)
-    space = _space(args, wl, wl.data.max_len)
+    # The longest sequence the data really holds, as `autotune run` derives the space from.
+    space = _space(args, wl, load_lengths(wl.data, wl.model.resolve()).max_len)
     candidates = _candidates(args, space, wl, models)
     out = Path(args.out or f"results/workers/{socket.gethostname()}-{os.getpid()}")
 
@@ -77,7 +79,7 @@ def worker(args: argparse.Namespace) -> int:
 
     ranker = Ranker(candidates, models, warmup=args.warmup, steps=args.steps)
     # The untuned baseline first, as `autotune run` measures it, so reports compare alike.
-    first = space.canonical(user_rc or baseline_configs(wl, fits=_fits(wl, models))[0])
+    first = space.canonical(user_rc or baseline_configs(wl, fits=ladder_fits(wl, models))[0])
     choose = next_pick(ranker, budget=args.budget_trials or wl.budget.trials, first=first)
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     with storage_errors(args.storage, "the shared study failed"):

@@ -17,7 +17,7 @@ from autotune.config._runconfig import (
 )
 from autotune.config._workload import Workload
 
-__all__ = ["SearchSpace"]
+__all__ = ["SearchSpace", "tp_degrees"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -36,14 +36,21 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return out
 
 
+def tp_degrees(workload: Workload) -> list[int]:
+    """Tensor-parallel degrees a node can host: divisors of its devices that divide the
+    model's heads and key/value heads."""
+    dims = workload.model.resolve()
+    return [d for d in _divisors(workload.hardware.devices_per_node)
+            if dims.heads % d == 0 and dims.kv_heads % d == 0]
+
+
 def _tokens_memory_allows(workload: Workload) -> int:
     """The most tokens one micro-batch can hold on one device in the most frugal layout the
     space offers (full checkpointing, the fused loss, the widest tensor parallelism): each
     token keeps one bf16 hidden vector per layer plus one layer's activations, as the memory
     model counts them; the rest of the memory cap is left to the model's state."""
     dims = workload.model.resolve()
-    tp = max(d for d in _divisors(workload.hardware.devices_per_node)
-             if dims.heads % d == 0 and dims.kv_heads % d == 0)
+    tp = max(tp_degrees(workload))
     per_token = 2 * (dims.layers * dims.hidden + 3 * dims.hidden
                      + (2 * dims.q_width + 2 * dims.kv_width + 3 * dims.ffn) // tp)
     fits = max(1, int(workload.budget.memory_cap_gb * 2**30 / per_token))
@@ -116,8 +123,7 @@ class SearchSpace(BaseModel):
             micro_batch_size=[1, 2, 4, 8], zero_stage=[0, 2, 3],
             checkpointing=["none", "selective", "full"], attention=["varlen"],
             loss=["full", "fused"], norm=["torch"], dtype=["bf16"], compile=["none", "blocks"],
-            tp=[d for d in _divisors(hw.devices_per_node)
-                if dims.heads % d == 0 and dims.kv_heads % d == 0],
+            tp=tp_degrees(workload),
             pp=[d for d in _divisors(hw.nodes) if dims.layers % d == 0], cp=[1])
 
     def parallel_layouts(self, workload: Workload) -> list[tuple[int, int, int, int]]:

@@ -7,7 +7,8 @@
 - a training step queues its work without one hidden host synchronization
   (``torch.cuda.set_sync_debug_mode("error")``), for pack and chunkflow;
 - two ranks on NCCL, FSDP2 ZeRO 3 in bf16 with the mixed-precision policy, against one GPU;
-- ``autotune run --gpus 2 --budget-trials 3`` end to end.
+- ``autotune run --gpus 2 --budget-trials 3`` end to end;
+- a peak traced by ``autotune memory`` against the peak ``autotune measure`` measures.
 
 Every test here carries the ``gpu`` marker and skips, saying why, without CUDA (see
 tests/conftest.py); those that need two devices skip on one.
@@ -124,3 +125,26 @@ def test_autotune_run_on_two_gpus_end_to_end(tmp_path: Path) -> None:
     tuned = RunConfig.model_validate(yaml.safe_load((out / "tuned.yaml").read_text()))
     assert tuned.workload.hardware.device == "cuda"
     assert tuned.parallel.world_size == 2
+
+
+def test_traced_peak_memory_matches_the_measured_peak_on_one_gpu(tmp_path: Path) -> None:
+    """`autotune memory` traces on fake tensors what `autotune measure` measures with
+    torch.cuda.max_memory_allocated: the same steps, the same live tensors. The allocator
+    rounds each block to 512 bytes and keeps a cuBLAS workspace; 15% covers both at this
+    size (a peak of a few GB)."""
+    from autotune.measure import measure
+    from autotune.memtrace import trace_memory
+    from profilers.records import Status
+
+    rc = RunConfig.model_validate({
+        "workload": {"model": {"layers": 4, "hidden": 1024, "heads": 8, "kv_heads": 4,
+                               "ffn": 2816, "vocab": 32000},
+                     "data": {"preset": "longsft", "num_sequences": 256, "max_len": 4096},
+                     "hardware": {"device": "cuda", "devices_per_node": 1},
+                     "budget": {"global_batch_tokens": 16384, "memory_cap_gb": 40}},
+        "schedule": {"policy": "pack", "micro_batch_tokens": 4096},
+        "kernels": {"attention": "varlen"}, "precision": {"dtype": "bf16"}})
+    traced = trace_memory(rc, warmup=1, steps=3).peak_bytes
+    m = measure(rc, steps=3, warmup=1, workdir=tmp_path / "measure")
+    assert m.status == Status.COMPLETE, m.reason
+    assert traced * 0.9 <= m.peak_mem_bytes <= traced * 1.15, (m.peak_mem_bytes, traced)

@@ -51,11 +51,13 @@ class Ceilings:
     @classmethod
     def from_table(cls, table: pd.DataFrame) -> Ceilings:
         """From a profile store's ``ceiling`` table."""
-        mm = table[table.what == "matmul"]
-        copy = table[table.what == "copy"]
-        if mm.empty or copy.empty:
+        # A sweep writes this table only when it completes: until then the frame has no columns.
+        held = set(table["what"]) if "what" in table else set()
+        if not {"matmul", "copy"} <= held:
             raise ValueError("the profile store has no complete ceiling table (matmul and copy); "
                              "run `autotune profile` to the end once")
+        mm = table[table.what == "matmul"]
+        copy = table[table.what == "copy"]
         return cls(dict(zip(mm.dtype, mm.flops_per_s.astype(float))),
                    float(copy.bytes_per_s.iloc[0]))
 

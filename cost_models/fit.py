@@ -25,7 +25,8 @@ from cost_models.features import Ceilings, family_features
 from cost_models.prior import roofline_time
 from profilers.families import OP_FAMILIES
 
-__all__ = ["evaluate", "fit_all", "fit_rankers", "held_out", "kernel_choice", "load_family"]
+__all__ = ["evaluate", "fit_all", "fit_rankers", "held_out", "kernel_choice", "load_family",
+           "profiled_dtypes"]
 
 _COMMON = ["log2_flops", "log2_bytes", "intensity", "dtype", "pass", "log2_peak_flops",
            "log2_bandwidth"]
@@ -37,6 +38,17 @@ def load_family(store, family: str) -> pd.DataFrame:  # noqa: ANN001
 
     rows = pool_windows(store.load(family))
     return rows[rows.status == "COMPLETE"].reset_index(drop=True) if len(rows) else rows
+
+
+def profiled_dtypes(store) -> list[str]:  # noqa: ANN001
+    """The dtypes of the store's COMPLETE op-family cases, whose matmul ceilings the fit
+    divides by; empty when it holds none to fit."""
+    found: set[str] = set()
+    for family in OP_FAMILIES:
+        rows = load_family(store, family)
+        if len(rows):
+            found |= set(rows["dtype"])
+    return sorted(found)
 
 
 def held_out(keys: pd.Series, fraction: float = 0.2) -> np.ndarray:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import pandas as pd
 
 __all__ = ["SCHEMA_VERSION", "ProfileStore", "StoreError", "atomic_write_bytes", "atomic_write_text"]
@@ -174,6 +176,58 @@ class ProfileStore:
     def keys(self, family: str) -> set[str]:
         table = self.load(family)
         return set(table["key"]) if "key" in table else set()
+
+    def missing_ceilings(self, dtypes: Iterable[str]) -> list[str]:
+        """Keys of the ``ceiling`` rows the cost models need for ``dtypes`` (a matmul rate per
+        dtype, the copy bandwidth) that the store does not hold yet."""
+        held = self.keys("ceiling")
+        return [k for k in (*(f"matmul:{d}" for d in dtypes), "copy") if k not in held]
+
+    def record_ceilings(self, dtypes: Iterable[str], device_kind: str, *,
+                        package_version: str) -> list[str]:
+        """Append the ceilings of ``missing_ceilings(dtypes)``, the roofline the cost models'
+        prior divides by, measured on this machine (once per machine: profilers.ceilings
+        caches them); returns their keys.
+
+        Raises:
+            StoreError: the store belongs to another environment than this process's, whose
+                figures would describe the wrong device.
+        """
+        import pandas as pd
+
+        from profilers import ceilings
+        from profilers.fingerprint import current_fingerprint
+
+        missing = self.missing_ceilings(dtypes)
+        if not missing:
+            return []
+        try:
+            here = current_fingerprint(device_kind, package_version).key()  # type: ignore[arg-type]
+        except ValueError:  # a GPU store read on a machine without one
+            here = None
+        if here != self.fingerprint_key:
+            this = f"this machine is {here}" if here else f"this machine has no {device_kind} device"
+            raise StoreError(
+                f"profile store {self.root} holds no ceilings of its device yet ({', '.join(missing)}; "
+                f"a sweep stores them when it completes), and they can be measured only on the "
+                f"machine it was taken on (fingerprint {self.fingerprint_key}; {this}): finish the "
+                f"sweep there with `autotune profile --out {self.root}` and the flags it started "
+                f"with, which resumes it")
+        rows = []
+        for key in missing:
+            if key == "copy":
+                b = ceilings.copy_bandwidth(device_kind)  # type: ignore[arg-type]
+                rows.append({"key": key, "family": "ceiling", "what": "copy", "dtype": None,
+                             "flops_per_s": None, "bytes_per_s": b.bytes_per_s,
+                             "samples_s": b.samples_s, "method": b.method})
+            else:
+                dtype = key.removeprefix("matmul:")
+                c = ceilings.matmul_ceiling(dtype, device_kind)  # type: ignore[arg-type]
+                rows.append({"key": key, "family": "ceiling", "what": "matmul", "dtype": dtype,
+                             "flops_per_s": c.flops_per_s, "bytes_per_s": None,
+                             "samples_s": c.samples_s, "method": c.method})
+        self.append("ceiling", pd.DataFrame(rows))
+        return missing
 
     def _check_part(self, part: Path, frame: pd.DataFrame) -> None:
         for column, want in (("schema_version", SCHEMA_VERSION), ("fingerprint", self.fingerprint_key)):

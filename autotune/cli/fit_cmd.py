@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from autotune.cli._common import positive_int, print_json
@@ -35,12 +36,32 @@ def _collective_fits(folder: Path | None):  # noqa: ANN202
     return pd.read_parquet(path) if path.exists() else None
 
 
+def _complete_ceilings(store, dtypes: list[str], device: str) -> None:  # noqa: ANN001
+    """A sweep stopped by its budget has op rows but not yet the device's ceilings, which it
+    stores only on completing: measure them now if this machine is the one profiled (its
+    figures describe no other), as the completed sweep would have."""
+    from autotune import __version__
+    from profilers.store import StoreError
+
+    if not dtypes:
+        raise UserError(f"--profiles {store.root} holds no completed op-family measurement to fit; "
+                        f"run `autotune profile --out {store.root}` first (the same command "
+                        f"resumes a stopped sweep)")
+    try:
+        added = store.record_ceilings(dtypes, device, package_version=__version__)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    if added:
+        print(f"the profile's sweep stopped before measuring the device's ceilings: measured "
+              f"{', '.join(added)} on this machine into {store.root}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from autotune.calibrate import fit_calibration, load_measurements, step_accuracy
     from autotune.predict import complete_ceilings
     from autotune.report import md_table
     from cost_models.bundle import StepModels
-    from cost_models.fit import evaluate, fit_all, fit_rankers, kernel_choice
+    from cost_models.fit import evaluate, fit_all, fit_rankers, kernel_choice, profiled_dtypes
     from profilers.store import ProfileStore, StoreError, atomic_write_text
 
     try:
@@ -51,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--collectives {args.collectives}: no collective_fit.parquet there; "
                         f"run `autotune profile --families collective --nproc N`")
     table = load_measurements(args.measurements) if args.measurements else None
+    device = store.fingerprint.get("device_kind", "cpu")
+    _complete_ceilings(store, profiled_dtypes(store), device)
     try:
         families, ceilings = fit_all(store)
     except ValueError as exc:
         raise UserError(f"--profiles {args.profiles}: {exc}") from None
-    device = store.fingerprint.get("device_kind", "cpu")
     ceilings = complete_ceilings(ceilings, device)
     fits = _collective_fits(Path(args.collectives) if args.collectives else Path(args.profiles))
     models = StepModels(store.fingerprint_key, device, ceilings, families, fits,
@@ -64,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     fam = evaluate(store)
     report: dict = {"families": fam.to_dict("records")}
     print("op families, held-out cases (split by case, never by rows):")
-    print(fam.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if len(fam):
+        print(fam.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    else:  # a short or stopped profile: its few cases may all have fallen in training
+        print("none held out yet: the profile has too few cases to judge the models on")
     choice = kernel_choice(store)
     report["kernel_choice"] = choice.to_dict("records")
     if len(choice):

@@ -146,7 +146,9 @@ def _profile(args: argparse.Namespace, store, cases: list[dict], dtypes: list[st
         summary |= {"cases": len(cases), "measured": report.measured, "skipped": report.skipped,
                     "failed": report.failed, "remaining": report.remaining}
         if not report.remaining:
-            _ceilings(store, dtypes, device_kind)
+            from autotune import __version__
+
+            store.record_ceilings(dtypes, device_kind, package_version=__version__)
     if launch is not None:
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:
@@ -158,30 +160,6 @@ def _profile(args: argparse.Namespace, store, cases: list[dict], dtypes: list[st
     summary["rows"] = {fam: store.rows(fam) for fam in store.families()}
     summary["wall_s"] = round(time.monotonic() - start, 1)
     return summary
-
-
-def _ceilings(store, dtypes: list[str], device_kind: str) -> None:  # noqa: ANN001
-    """The roofline the cost models' prior divides by: matmul rate per dtype and copy
-    bandwidth, measured once per machine (cached) and copied into the store."""
-    import pandas as pd
-
-    from profilers.ceilings import copy_bandwidth, matmul_ceiling
-
-    held = store.keys("ceiling")
-    rows = []
-    for dtype in dtypes:
-        if f"matmul:{dtype}" not in held:
-            c = matmul_ceiling(dtype, device_kind)
-            rows.append({"key": f"matmul:{dtype}", "family": "ceiling", "what": "matmul",
-                         "dtype": dtype, "flops_per_s": c.flops_per_s, "bytes_per_s": None,
-                         "samples_s": c.samples_s, "method": c.method})
-    if "copy" not in held:
-        b = copy_bandwidth(device_kind)
-        rows.append({"key": "copy", "family": "ceiling", "what": "copy", "dtype": None,
-                     "flops_per_s": None, "bytes_per_s": b.bytes_per_s, "samples_s": b.samples_s,
-                     "method": b.method})
-    if rows:
-        store.append("ceiling", pd.DataFrame(rows))
 
 
 def _collectives(args: argparse.Namespace, store, launch) -> int:  # noqa: ANN001

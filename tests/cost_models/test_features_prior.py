@@ -82,3 +82,6 @@ def test_ceilings_from_a_store_table() -> None:
     assert c.flops_per_s == {"fp32": 1.4e11} and c.bytes_per_s == 2.1e10
     with pytest.raises(ValueError, match="no complete ceiling table"):
         Ceilings.from_table(table.iloc[:1])
+    # A store whose sweep never completed has no ceiling parts: the frame has no columns.
+    with pytest.raises(ValueError, match="no complete ceiling table"):
+        Ceilings.from_table(pd.DataFrame())

@@ -186,19 +186,17 @@ def workload_shapes(rc, *, steps: int = 3) -> dict[str, list[dict]]:  # noqa: AN
     """The shapes ``rc``'s training steps run, per tunable kernel: one representative (the
     most frequent) per shape bucket, largest first."""
     from collections import Counter
+    from itertools import islice
 
-    from autotune.data import global_batches, load_dataset, make_policy
+    from autotune.data import load_dataset, step_plans
     from autotune.step_ops import step_op_rows
     from kernels.cache import shape_bucket
 
     dims = rc.workload.model.resolve()
     data = load_dataset(rc.workload.data, dims)
-    policy = make_policy(rc, dims, data_max_len=data.max_len)
-    stream = global_batches(data.lengths, global_batch_tokens=rc.workload.budget.global_batch_tokens,
-                            seed=rc.seed)
     seen: dict[str, Counter] = {k: Counter() for k in ("matmul", "rmsnorm", "linear_ce", "attention")}
-    for _ in range(steps):
-        plan = policy.plan_ranks(data.lengths[next(stream)], rc.parallel.dp)[0]
+    for batch in islice(step_plans(rc, data.lengths, dims), steps):
+        plan = batch.ranks[0]
         rows = step_op_rows(rc, plan, dims)
         for r in rows.get("gemm", pd.DataFrame()).itertuples():
             seen["matmul"][(("m", int(r.m)), ("k", int(r.k)), ("n", int(r.n)))] += int(r.count)

@@ -144,18 +144,16 @@ def _batch_shape(trainer: Trainer, batches: int = 16) -> tuple[int, int]:
     """Sequences per global batch and micro-batches per rank per step: both vary with the
     token-budgeted batches, so MLPerf's single figures are the medians over the stream's
     first ``batches``, planned from a copy of the stream so training is untouched."""
+    from itertools import islice
+
     import numpy as np
 
-    from autotune.data import global_batches
+    from autotune.data import step_plans
 
-    rc = trainer.rc
-    stream = global_batches(trainer.dataset.lengths,
-                            global_batch_tokens=rc.workload.budget.global_batch_tokens, seed=rc.seed)
     sizes, micro = [], []
-    for _ in range(batches):
-        ids = next(stream)
-        sizes.append(len(ids))
-        micro.append(trainer.policy.plan_ranks(trainer.dataset.lengths[ids], rc.parallel.dp)[0].n_micro)
+    for b in islice(step_plans(trainer.rc, trainer.dataset.lengths, trainer.dims), batches):
+        sizes.append(len(b.ids))
+        micro.append(b.ranks[0].n_micro)
     return max(1, int(np.median(sizes))), max(1, int(np.median(micro)))
 
 

@@ -18,9 +18,10 @@ from autotune.data import (
     Segment,
     SequenceSet,
     StepPlan,
-    global_batches,
     load_dataset,
     make_policy,
+    plan_step,
+    step_plans,
 )
 from autotune.data.cost import plan_flops
 from autotune.errors import UserError
@@ -158,9 +159,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, rc, self.device)
         self.policy = make_policy(rc, self.dims, data_max_len=self.dataset.max_len)
-        self.batches = global_batches(self.dataset.lengths,
-                                      global_batch_tokens=rc.workload.budget.global_batch_tokens,
-                                      seed=rc.seed)
         static = rc.compile == "blocks" and rc.schedule.policy not in PADDED_POLICIES
         self.executor = StepExecutor(self.model, self.dataset.sequences, device=self.device,
                                      autocast_dtype=autocast, adaptive=self._adaptive(rc),
@@ -171,6 +169,7 @@ class Trainer:
         # Sharded parameters are gathered, and gradients reduced, per micro-batch; pipeline
         # peers exchange per micro-batch: every data-parallel rank must run as many.
         self._lockstep = dp and (p.zero_stage == 3 or self.ctx.pp > 1 or not self._per_step)
+        self.batches = step_plans(rc, self.dataset.lengths, self.dims, lockstep=self._lockstep)
         # ZeRO 1/2 reducing once per step: parameters stay gathered from the first forward to
         # the step's gradient reduction, so micro-batches issue no collectives and ranks need
         # not keep step (at the memory cost of unsharded parameters for the whole step).
@@ -196,16 +195,12 @@ class Trainer:
                    ) -> tuple[np.ndarray, list[StepPlan], float]:
         """The next global batch (or the given one), one plan per data-parallel rank, and the
         seconds planning took."""
-        ids = next(self.batches) if batch_ids is None else batch_ids
-        t0 = time.perf_counter()
-        plans = self.policy.plan_ranks(self.dataset.lengths[ids], self.ctx.dp)
-        if self._lockstep:
-            # Sharded parameters are gathered per micro-batch and pipeline peers exchange
-            # per micro-batch: every data-parallel rank must run as many as the busiest one.
-            most = max(p.n_micro for p in plans)
-            for p in plans:
-                p.units += [MicroBatch(())] * (most - p.n_micro)
-        return ids, plans, time.perf_counter() - t0
+        if batch_ids is None:
+            b = next(self.batches)
+        else:
+            b = plan_step(self.policy, self.dataset.lengths, batch_ids, self.ctx.dp,
+                          lockstep=self._lockstep)
+        return b.ids, b.ranks, b.plan_s
 
     def next_plan(self, batch_ids: np.ndarray | None = None) -> tuple[np.ndarray, StepPlan, float]:
         ids, plans, sched_s = self.next_plans(batch_ids)

@@ -107,12 +107,14 @@ def balanced_split(costs: np.ndarray, ranks: int) -> list[np.ndarray]:
     """Longest-processing-time first: the most expensive sequence goes to the rank with the
     least estimated work so far. Within 4/3 of optimal, and close to the mean when no single
     sequence dominates; ties break by rank so the split is deterministic."""
-    load = [0.0] * ranks
+    import heapq
+
+    heap = [(0.0, r) for r in range(ranks)]  # (load, rank): the least loaded, lowest rank first
     members: list[list[int]] = [[] for _ in range(ranks)]
     for i in np.argsort(-np.asarray(costs), kind="stable"):
-        r = min(range(ranks), key=lambda k: (load[k], k))
+        load, r = heapq.heappop(heap)
         members[r].append(int(i))
-        load[r] += float(costs[i])
+        heapq.heappush(heap, (load + float(costs[i]), r))
     return [np.asarray(sorted(m), dtype=np.int64) for m in members]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from autotune.config import ModelDims, SearchSpace, Workload
+from autotune.step_ops import optimizer_tensors
 
 __all__ = ["op_cases", "token_grid"]
 
@@ -59,14 +60,13 @@ def _optimizer_numels(dims: ModelDims, layouts: list[tuple[int, int, int, int]],
     out = set()
     per_layer = dims.matmul_params_per_layer()
     rest = dims.total_params() - dims.layers * per_layer  # embeddings, head, norms: not tp-split
-    tensors = dims.layers * 9 + 3
     for dp, tp, pp, _ in layouts:
         for zero in zero_stages:
             numel = (dims.layers * per_layer // tp + rest) // pp
             if zero >= 1:
                 numel //= dp
             for scale in (0.5, 1.0, 2.0):
-                out.add((int(numel * scale), max(1, tensors // pp)))
+                out.add((int(numel * scale), optimizer_tensors(dims, pp)))
     return out
 
 

@@ -31,11 +31,13 @@ from autotune.step_ops import (
     loss_op,
     op_case,
     optimizer_rows,
+    optimizer_tensors,
     params_per_rank,
     signature,
 )
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
+from cost_models.gpu_prior import CollectivePrior, Group, OpPrior
 from cost_models.step import (
     MEMORY_FEATURES,
     MemoryModel,
@@ -77,6 +79,73 @@ def _heaviest_steps(plans: _Plans) -> Iterator[tuple[int, int, np.ndarray]]:
             yield s, r, plans.units[s][r]
 
 
+@dataclass(frozen=True)
+class PlanKey:
+    """What a config's plans depend on: the data, the model, the global batch, the
+    schedule, dp and the seed."""
+
+    model: str
+    data: str
+    global_batch_tokens: int
+    schedule: str
+    dp: int
+    seed: int
+
+    @classmethod
+    def of(cls, rc: RunConfig) -> PlanKey:
+        wl = rc.workload
+        return cls(wl.model.model_dump_json(), wl.data.model_dump_json(),
+                   wl.budget.global_batch_tokens, rc.schedule.model_dump_json(), rc.parallel.dp,
+                   rc.seed)
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """What one op shape's price depends on beyond the shape: the model, tp, the dtype, the
+    kernels and whether blocks are compiled."""
+
+    model: str
+    tp: int
+    dtype: str
+    attention: str
+    compiled: bool = False
+    fused_norm: bool = False
+    fused_loss: bool = False
+
+    @classmethod
+    def of(cls, rc: RunConfig, dims: ModelDims) -> KernelKey:
+        k = rc.kernels
+        return cls(dims.model_dump_json(), rc.parallel.tp, rc.precision.dtype, k.attention,
+                   rc.compile == "blocks", k.norm == "fused", k.loss == "fused")
+
+
+@dataclass(frozen=True)
+class ComputeKey:
+    plan: PlanKey
+    kernel: KernelKey
+    pp: int
+
+
+@dataclass
+class StageCompute:
+    """One pipeline stage's compute per step and data-parallel rank, each array [step,
+    rank, ...] split into what runs with no checkpointing (``base``) and what each
+    checkpointed layer adds (``ckpt``): seconds per family, of forwards, and kernel runs."""
+
+    family_base: np.ndarray  # [step, rank, family]
+    family_ckpt: np.ndarray
+    forward_base: np.ndarray  # [step, rank]
+    forward_ckpt: np.ndarray
+    runs_base: np.ndarray
+    runs_ckpt: np.ndarray
+
+    def at(self, ckpt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(family seconds, forward seconds, kernel runs) with ``ckpt`` checkpointed layers."""
+        return (self.family_base + ckpt * self.family_ckpt,
+                self.forward_base + ckpt * self.forward_ckpt,
+                self.runs_base + ckpt * self.runs_ckpt)
+
+
 @dataclass
 class _Plans:
     """One workload + schedule + dp: the sampled steps' plans per data-parallel rank."""
@@ -108,6 +177,93 @@ def _unit_rows(plan: StepPlan) -> np.ndarray:
     return np.array(out, dtype=float).reshape(-1, 5)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """The slowest replica's mean step, as the communication rules need it."""
+
+    compute_s: float  # forward, backward and recomputation of all micro-batches
+    forward_s: float  # of which forwards (recomputed ones included)
+    micro_batches: float
+    padded_tokens: float
+    layers: int  # on this pipeline stage
+    ckpt: int  # checkpointed layers on this stage
+    act_bytes: int
+
+    @property
+    def per_micro_batch_s(self) -> float:
+        return self.compute_s / max(self.micro_batches, 1.0)
+
+    @property
+    def tokens_per_micro_batch(self) -> float:
+        return self.padded_tokens / max(self.micro_batches, 1.0)
+
+
+@dataclass
+class Comm:
+    """A step's communication: seconds each kind takes in all (``*_s``), what of it the
+    step waits for (``exposed_s``) and the pipeline bubble."""
+
+    tp_s: float = 0.0
+    dp_s: float = 0.0
+    pp_s: float = 0.0
+    exposed_s: float = 0.0
+    bubble_s: float = 0.0
+    dp_exposed_s: float = 0.0
+    copies_s: float = 0.0  # FSDP's copies into and out of its collective buffers
+
+    def breakdown(self) -> dict[str, float]:
+        """The parts the step waits for (they add up with compute to the step)."""
+        out = {"comm_tp": self.tp_s, "comm_dp": self.dp_exposed_s, "comm_pp": self.pp_s,
+               "bubble": self.bubble_s}
+        return out | ({"fsdp_copies": self.copies_s} if self.copies_s else {})
+
+    @property
+    def overlapped_s(self) -> float:
+        """Data-parallel communication hidden behind compute."""
+        return self.dp_s - self.dp_exposed_s
+
+
+class _Collectives:
+    """One collective call's seconds on GPUs: the collective profile's alpha-beta fit where
+    it has one for the collective (scaled to the group size), else the collective prior of
+    cited nccl-tests figures, else nominal figures (labelled so)."""
+
+    def __init__(self, predictor: StepPredictor, device: str) -> None:
+        self.predictor, self.device = predictor, device
+        self.prior = predictor.models.collective_prior
+        fits = predictor.models.collective_fits
+        self.profiled = set() if fits is None or not len(fits) else set(fits.collective)
+
+    def seconds(self, collective: str, nbytes: float, group: Group) -> float:
+        if group.ranks <= 1:
+            return 0.0
+        if collective in self.profiled or self.prior is None:
+            a, b, _ = self.predictor._alpha_beta(collective, group.ranks, self.device)
+            return a + nbytes * b
+        return float(self.prior.seconds(collective, nbytes, group))
+
+    def source(self, group: Group) -> str:
+        where = f"{group.ranks} ranks, {group.per_node} per node"
+        if self.profiled:
+            return f"collective profile ({', '.join(sorted(self.profiled))}), {where}"
+        if self.prior is None:
+            return f"nominal figures, {where}"
+        return f"collective prior ({self.prior.device}, {where}): {self.prior.source}"
+
+
+def mesh_groups(rc: RunConfig) -> dict[str, Group]:
+    """The tp, dp and pp groups as the trainer's (pp, dp, tp) mesh lays ranks on nodes:
+    tp innermost (consecutive ranks), then dp, then pp."""
+    p, per_node = rc.parallel, rc.workload.hardware.devices_per_node
+
+    def group(size: int, stride: int) -> Group:
+        if size <= 1:
+            return Group(1, 1)
+        return Group(size, max(1, min(size, per_node // stride)) if stride < per_node else 1)
+
+    return {"tp": group(p.tp, 1), "dp": group(p.dp, p.tp), "pp": group(p.pp, p.tp * p.dp)}
+
+
 class StepPredictor:
     """``predict(rc)`` for one config, ``predict_many(rcs)`` for a batch (the search's
     path); ``warmup`` and ``steps`` pick the global batches priced, as ``autotune measure``
@@ -117,20 +273,15 @@ class StepPredictor:
         self.models = models
         self.warmup, self.steps = warmup, steps
         self._data: dict[str, object] = {}
-        self._plans: dict[tuple, _Plans] = {}
-        self._compute: dict[tuple, np.ndarray] = {}  # -> [step, rank, family, (base, ckpt)]
+        self._plans: dict[PlanKey, _Plans] = {}
+        self._compute: dict[ComputeKey, StageCompute] = {}
         self._sigs: dict[tuple, int] = {}  # micro-batch signature -> id
-        self._sig_cost: dict[tuple, np.ndarray] = {}  # kernel key -> [signature, costs]
-        self._optimizer: dict[tuple, float] = {}
+        self._sig_cost: dict[KernelKey, np.ndarray] = {}  # -> [signature, costs]
+        self._rows: dict[tuple, tuple] = {}  # (kernel key, signatures) -> op rows (_op_rows)
+        self._optimizer: dict[tuple[int, int], float] = {}
         self._ab: dict[tuple, tuple[float, float, str]] = {}
 
     # ---- shared parts -------------------------------------------------------------------
-    def _plan_key(self, rc: RunConfig) -> tuple:
-        wl = rc.workload
-        return (wl.model.model_dump_json(), wl.data.model_dump_json(),
-                wl.budget.global_batch_tokens, rc.schedule.model_dump_json(), rc.parallel.dp,
-                rc.seed)
-
     def _lengths(self, rc: RunConfig, dims: ModelDims):  # noqa: ANN202 - Lengths
         """The workload's sequence lengths, drawn once per data and model."""
         key = rc.workload.data.model_dump_json() + rc.workload.model.model_dump_json()
@@ -138,7 +289,7 @@ class StepPredictor:
             self._data[key] = load_lengths(rc.workload.data, dims)
         return self._data[key]
 
-    def _plans_for(self, rc: RunConfig, key: tuple, dims: ModelDims) -> _Plans:
+    def _plans_for(self, rc: RunConfig, key: PlanKey, dims: ModelDims) -> _Plans:
         if key in self._plans:
             return self._plans[key]
         data = self._lengths(rc, dims)
@@ -173,12 +324,10 @@ class StepPredictor:
             plans.entries = out
         return plans.entries
 
-    def _price_signatures(self, kkey: tuple, dims: ModelDims, needed: set[int]) -> np.ndarray:
-        """Per signature under one kernel key (dims, tp, dtype, attention kernel): seconds of
-        one layer's forward and backward per family, of the loss forward and backward, and
-        the op runs of a layer's forward and backward; every op shape priced once, one model
-        call per family."""
-        _, tp, dtype, impl = kkey
+    def _price_signatures(self, kkey: KernelKey, dims: ModelDims, needed: set[int]) -> np.ndarray:
+        """Per signature under one kernel key: seconds of one layer's forward and backward
+        per family, of the loss forward and backward, and the op runs of a layer's forward
+        and backward; every op shape priced once, one model call per family."""
         cost = self._sig_cost.get(kkey)
         width = 2 * len(_FAMILIES) + 4
         if cost is None or len(cost) < len(self._sigs):
@@ -189,25 +338,10 @@ class StepPredictor:
         todo = [i for i in needed if np.isnan(cost[i, 0])]
         if not todo:
             return cost
-        sigs = list(self._sigs)
-        op_index: dict[tuple, int] = {}
-        links = []  # (signature id, column, op index)
-        for i in todo:
-            sig = sigs[i]
-            for p, base in (("fwd", 0), ("bwd", len(_FAMILIES))):
-                for op in layer_ops(sig, dims, tp, dtype, impl, (p,)):
-                    links.append((i, base + _FAMILIES.index(op[0]), op_index.setdefault(op, len(op_index))))
-                op = loss_op(sig, dims, dtype, p)
-                links.append((i, 2 * len(_FAMILIES) + (p == "bwd"),
-                              op_index.setdefault(op, len(op_index))))
-        seconds = np.zeros(len(op_index))
-        keys = list(op_index)
-        for fam in _FAMILIES:
-            idx = [j for j, k in enumerate(keys) if k[0] == fam]
-            if idx:
-                rows = pd.DataFrame([op_case(keys[j]) for j in idx])
-                seconds[idx] = family_seconds(rows, fam, self.models.ceilings, self.models.families)
-        link = np.array(links)
+        link, frames = self._op_rows(kkey, dims, tuple(todo))
+        seconds = np.zeros(sum(len(f) for _, f in frames.values()))
+        for fam, (idx, rows) in frames.items():
+            seconds[idx] = self._family_seconds(rows, fam, kkey)
         block = np.zeros((len(self._sigs), width))
         np.add.at(block, (link[:, 0], link[:, 1]), seconds[link[:, 2]])
         is_layer = link[:, 1] < 2 * len(_FAMILIES)
@@ -216,18 +350,56 @@ class StepPredictor:
         cost[todo] = block[todo]
         return cost
 
-    def _compute_for(self, ckey: tuple, plans: _Plans, dims: ModelDims) -> np.ndarray:
-        """[step, rank, family + runs, (no checkpointing, per checkpointed layer)]."""
+    def _op_rows(self, kkey: KernelKey, dims: ModelDims, todo: tuple[int, ...]
+                 ) -> tuple[np.ndarray, dict[str, tuple[list[int], pd.DataFrame]]]:
+        """The distinct op shapes of signatures ``todo`` as case rows per family, and the
+        links (signature, column, op) that sum their prices; kept, since they do not depend
+        on the prices (the spread prices them again under other priors)."""
+        key = (kkey, todo)
+        if key in self._rows:
+            return self._rows[key]
+        sigs = list(self._sigs)
+        op_index: dict[tuple, int] = {}
+        links = []  # (signature id, column, op index)
+        for i in todo:
+            sig = sigs[i]
+            for p, base in (("fwd", 0), ("bwd", len(_FAMILIES))):
+                for op in layer_ops(sig, dims, kkey.tp, kkey.dtype, kkey.attention, (p,)):
+                    links.append((i, base + _FAMILIES.index(op[0]), op_index.setdefault(op, len(op_index))))
+                op = loss_op(sig, dims, kkey.dtype, p)
+                links.append((i, 2 * len(_FAMILIES) + (p == "bwd"),
+                              op_index.setdefault(op, len(op_index))))
+        keys = list(op_index)
+        frames = {}
+        for fam in _FAMILIES:
+            idx = [j for j, k in enumerate(keys) if k[0] == fam]
+            if idx:
+                frames[fam] = (idx, pd.DataFrame([op_case(keys[j]) for j in idx]))
+        self._rows[key] = out = (np.array(links), frames)
+        return out
+
+    def _family_seconds(self, rows: pd.DataFrame, family: str, kkey: KernelKey | None) -> np.ndarray:
+        """One run of each row: the family's fitted model where the models hold one, else the
+        GPU prior where planning for a GPU, else the roofline on the ceilings."""
+        m = self.models
+        if family in m.families or m.op_prior is None:
+            return family_seconds(rows, family, m.ceilings, m.families)
+        if kkey is None:
+            return m.op_prior.seconds(rows, family)
+        return m.op_prior.seconds(rows, family, compiled=kkey.compiled, impl=kkey.attention,
+                                  fused_norm=kkey.fused_norm, fused_loss=kkey.fused_loss)
+
+    def _compute_for(self, ckey: ComputeKey, plans: _Plans, dims: ModelDims) -> StageCompute:
         if ckey in self._compute:
             return self._compute[ckey]
-        _, tp, pp, dtype, impl = ckey
-        kkey = (dims.model_dump_json(), tp, dtype, impl)
         entries = self._entries(plans)
         needed = {int(i) for row in entries for ids, _ in row for i in ids}
-        cost = self._price_signatures(kkey, dims, needed)
-        layers = dims.layers // pp
+        cost = self._price_signatures(ckey.kernel, dims, needed)
+        layers = dims.layers // ckey.pp
         nf = len(_FAMILIES)
-        out = np.zeros((len(entries), len(entries[0]), nf + 1, 2))
+        shape = (len(entries), len(entries[0]))
+        out = StageCompute(np.zeros(shape + (nf,)), np.zeros(shape + (nf,)), np.zeros(shape),
+                           np.zeros(shape), np.zeros(shape), np.zeros(shape))
         for s, row in enumerate(entries):
             for r, (ids, again) in enumerate(row):
                 c = cost[ids]
@@ -235,12 +407,13 @@ class StepPredictor:
                 lf, lb, rf, rb = c[:, 2 * nf], c[:, 2 * nf + 1], c[:, 2 * nf + 2], c[:, 2 * nf + 3]
                 a = again.astype(float)[:, None]
                 fam = layers * (fwd + bwd) + layers * a * fwd
-                out[s, r, :nf, 0] = fam.sum(0)
-                out[s, r, _FAMILIES.index("loss"), 0] += (lf * (1 + a[:, 0]) + lb).sum()
-                out[s, r, :nf, 1] = ((1 - a) * fwd).sum(0)
-                runs = layers * (rf + rb) + layers * a[:, 0] * rf + 2 + a[:, 0]
-                out[s, r, nf, 0] = runs.sum()
-                out[s, r, nf, 1] = ((1 - a[:, 0]) * rf).sum()
+                out.family_base[s, r] = fam.sum(0)
+                out.family_base[s, r, _FAMILIES.index("loss")] += (lf * (1 + a[:, 0]) + lb).sum()
+                out.family_ckpt[s, r] = ((1 - a) * fwd).sum(0)
+                out.forward_base[s, r] = ((layers * (1 + a) * fwd).sum() + (lf * (1 + a[:, 0])).sum())
+                out.forward_ckpt[s, r] = ((1 - a) * fwd).sum()
+                out.runs_base[s, r] = (layers * (rf + rb) + layers * a[:, 0] * rf + 2 + a[:, 0]).sum()
+                out.runs_ckpt[s, r] = ((1 - a[:, 0]) * rf).sum()
         self._compute[ckey] = out
         return out
 
@@ -254,20 +427,17 @@ class StepPredictor:
         key = (numel, tensors)
         if key not in self._optimizer:
             rows = optimizer_rows(numel, tensors)
-            self._optimizer[key] = float(family_seconds(rows, "optimizer", self.models.ceilings,
-                                                        self.models.families)[0])
+            self._optimizer[key] = float(self._family_seconds(rows, "optimizer", None)[0])
         return self._optimizer[key]
 
     def _prefetch(self, keyed: list[tuple]) -> None:
         """Price every signature the batch needs per kernel key in one pass, so that each
         family's model is called once per kernel key rather than once per plan."""
-        need: dict[tuple, tuple[ModelDims, set[int]]] = {}
+        need: dict[KernelKey, tuple[ModelDims, set[int]]] = {}
         for _, dims, plans, ckey in keyed:
             if ckey in self._compute:
                 continue
-            _, tp, _, dtype, impl = ckey
-            kkey = (dims.model_dump_json(), tp, dtype, impl)
-            ids = need.setdefault(kkey, (dims, set()))[1]
+            ids = need.setdefault(ckey.kernel, (dims, set()))[1]
             for row in self._entries(plans):
                 for sig_ids, _ in row:
                     ids.update(int(i) for i in sig_ids)
@@ -285,10 +455,9 @@ class StepPredictor:
             if mkey not in dims_cache:
                 dims_cache[mkey] = rc.workload.model.resolve()
             dims = dims_cache[mkey]
-            pkey = self._plan_key(rc)
+            pkey = PlanKey.of(rc)
             plans = self._plans_for(rc, pkey, dims)
-            ckey = (pkey, rc.parallel.tp, rc.parallel.pp, rc.precision.dtype, rc.kernels.attention)
-            keyed.append((rc, dims, plans, ckey))
+            keyed.append((rc, dims, plans, ComputeKey(pkey, KernelKey.of(rc, dims), rc.parallel.pp)))
         self._prefetch(keyed)
         rows, units = [], []
         for rc, dims, plans, ckey in keyed:
@@ -307,52 +476,37 @@ class StepPredictor:
         return frame
 
     def _compose_one(self, rc: RunConfig, dims: ModelDims, plans: _Plans,
-                     compute: np.ndarray) -> tuple[dict, np.ndarray]:
+                     compute: StageCompute) -> tuple[dict, np.ndarray]:
         p, dev = rc.parallel, rc.workload.hardware.device
         layers = dims.layers // p.pp
         ckpt = min(rc.checkpointing.checkpointed_layers(dims.layers), dims.layers) // p.pp
-        total = compute[..., 0] + ckpt * compute[..., 1]  # [step, rank, family + runs]
-        fam, runs = total[..., :-1], total[..., -1]
+        fam, fwd, runs = compute.at(ckpt)
         per_rank = fam.sum(-1)
         slow = per_rank.argmax(1)  # the replica every step waits for
         steps = np.arange(len(slow))
         fam_s = fam[steps, slow].mean(0)
         compute_s = float(per_rank.max(1).mean())
-        recompute_s = float((ckpt * compute[..., :-1, 1])[steps, slow].sum(-1).mean())
+        forward_s = float(fwd[steps, slow].mean())
+        recompute_s = float((ckpt * compute.family_ckpt)[steps, slow].sum(-1).mean())
         op_runs = float(runs[steps, slow].mean())
         params = params_per_rank(dims, p.tp, p.pp, p.dp, p.zero_stage)
-        opt_s = self._optimizer_s(params, dims.layers * 9 // p.pp + 3)
+        opt_s = self._optimizer_s(params, optimizer_tensors(dims, p.pp))
         act_bytes = 2 if rc.precision.dtype == "bf16" else 4
-        mbs = plans.micro_batches[steps, slow].mean()
-        padded = plans.padded[steps, slow].mean()
+        mbs = float(plans.micro_batches[steps, slow].mean())
+        padded = float(plans.padded[steps, slow].mean())
         breakdown = {f: float(v) for f, v in zip(_FAMILIES, fam_s)} | {"optimizer": opt_s}
-        sources = {}
-        # tensor parallel: two all-reduces of the block's output forward, two backward, per
-        # layer and micro-batch; recomputed forwards repeat theirs
-        a, b, sources["tp"] = self._alpha_beta("all_reduce", p.tp, dev)
-        tp_calls = mbs * (4 * layers + 2 * ckpt)
-        breakdown["comm_tp"] = tp_calls * a + padded * (4 * layers + 2 * ckpt) * dims.hidden * act_bytes * b
-        shard_bytes = dims.total_params() // (p.tp * p.pp) * 4
-        if p.zero_stage == 0:
-            a, b, sources["dp"] = self._alpha_beta("all_reduce", p.dp, dev)
-            breakdown["comm_dp"] = math.ceil(shard_bytes / _DDP_BUCKET_BYTES) * a + shard_bytes * b
+        step = _Step(compute_s, forward_s, mbs, padded, layers, ckpt, act_bytes)
+        if dev == "cuda":
+            comm, sources = self._gpu_comm(rc, dims, step)
         else:
-            units = layers + 1  # one FSDP unit per block plus the root
-            gathers = 1 if p.zero_stage < 3 else 2 * mbs
-            ag = self._alpha_beta("all_gather", p.dp, dev)
-            rs = self._alpha_beta("reduce_scatter", p.dp, dev)
-            sources["dp"] = ag[2]
-            breakdown["comm_dp"] = (gathers * (units * ag[0] + shard_bytes * ag[1])
-                                    + units * rs[0] + shard_bytes * rs[1])
-        a, b, sources["pp"] = self._alpha_beta("send_recv", 2 if p.pp > 1 else 1, dev)
-        breakdown["comm_pp"] = 2 * (mbs * a + padded * dims.hidden * act_bytes * b) if p.pp > 1 else 0.0
-        breakdown["bubble"] = compute_s * (p.pp - 1) / max(mbs, 1.0)
-        comm = breakdown["comm_tp"] + breakdown["comm_dp"] + breakdown["comm_pp"]
-        composed = compute_s + opt_s + comm + breakdown["bubble"]
+            comm, sources = self._measured_comm(rc, dims, step)
+        breakdown |= comm.breakdown()
+        exposed = comm.exposed_s
+        composed = compute_s + opt_s + exposed + comm.bubble_s + comm.copies_s
         row = {
             "composed_step_s": composed, "tokens_per_step": float(plans.real_tokens.mean()),
-            "compute_s": compute_s + opt_s, "comm_s": comm, "bubble_s": breakdown["bubble"],
-            "log_compute_s": math.log(compute_s + opt_s), "comm_share": comm / composed,
+            "compute_s": compute_s + opt_s, "comm_s": exposed, "bubble_s": comm.bubble_s,
+            "log_compute_s": math.log(compute_s + opt_s), "comm_share": exposed / composed,
             "log_tokens_per_micro_batch": math.log(padded / max(mbs, 1.0)),
             "log_micro_batches": math.log(max(mbs, 1.0)),
             "padding_fraction": 1 - plans.real_tokens.mean() / (padded * p.dp),
@@ -361,11 +515,110 @@ class StepPredictor:
             "world": p.world_size, "dp": p.dp, "tp": p.tp, "pp": p.pp,
             "zero_stage": p.zero_stage, "bf16": float(rc.precision.dtype == "bf16"),
             "op_runs": op_runs, "cpu_ranks_sharing": self._sharing(rc),
-            "breakdown": breakdown, "sources": sources,
+            "breakdown": breakdown, "sources": sources, "overlapped_s": comm.overlapped_s,
         }
         if dev == "cuda":
             return row, self._gpu_memory_units(rc, dims, plans, layers, ckpt)
         return row, self._memory_units(rc, dims, plans, layers, ckpt, act_bytes)
+
+    def _measured_comm(self, rc: RunConfig, dims: ModelDims, st: _Step) -> tuple[Comm, dict]:
+        """Communication from the collective profile's alpha-beta fits (or nominal figures),
+        added to compute as the CPU backend runs it: gloo's collectives take the cores the
+        compute would use, so nothing overlaps."""
+        p, dev = rc.parallel, rc.workload.hardware.device
+        mbs, padded, layers, ckpt = st.micro_batches, st.padded_tokens, st.layers, st.ckpt
+        sources = {}
+        # tensor parallel: two all-reduces of the block's output forward, two backward, per
+        # layer and micro-batch; recomputed forwards repeat theirs
+        a, b, sources["tp"] = self._alpha_beta("all_reduce", p.tp, dev)
+        tp_calls = mbs * (4 * layers + 2 * ckpt)
+        tp = tp_calls * a + padded * (4 * layers + 2 * ckpt) * dims.hidden * st.act_bytes * b
+        shard_bytes = dims.total_params() // (p.tp * p.pp) * 4
+        if p.zero_stage == 0:
+            a, b, sources["dp"] = self._alpha_beta("all_reduce", p.dp, dev)
+            dp = math.ceil(shard_bytes / _DDP_BUCKET_BYTES) * a + shard_bytes * b
+        else:
+            units = layers + 1  # one FSDP unit per block plus the root
+            gathers = 1 if p.zero_stage < 3 else 2 * mbs
+            ag = self._alpha_beta("all_gather", p.dp, dev)
+            rs = self._alpha_beta("reduce_scatter", p.dp, dev)
+            sources["dp"] = ag[2]
+            dp = (gathers * (units * ag[0] + shard_bytes * ag[1])
+                  + units * rs[0] + shard_bytes * rs[1])
+        a, b, sources["pp"] = self._alpha_beta("send_recv", 2 if p.pp > 1 else 1, dev)
+        pp = 2 * (mbs * a + padded * dims.hidden * st.act_bytes * b) if p.pp > 1 else 0.0
+        bubble = st.compute_s * (p.pp - 1) / max(mbs, 1.0)
+        return Comm(tp, dp, pp, tp + dp + pp, bubble, dp), sources
+
+    def _gpu_comm(self, rc: RunConfig, dims: ModelDims, st: _Step) -> tuple[Comm, dict]:
+        """Communication on GPUs from the collective prior, with what overlaps compute:
+        NCCL runs on its own streams, so FSDP's all-gathers (prefetched one unit ahead) hide
+        behind the previous unit's compute and its reduce-scatters behind the next unit's
+        backward; DDP's bucketed all-reduce behind the last micro-batch's backward; the
+        step waits for the first gather and the last reduction. Tensor-parallel all-reduces
+        sit between the matmuls that need them (on the critical path); pipeline sends and
+        the bubble ((pp - 1) micro-batch times for GPipe and 1F1B) too."""
+        p = rc.parallel
+        prior = _Collectives(self, rc.workload.hardware.device)
+        g = mesh_groups(rc)
+        sources = {k: prior.source(g[k]) for k in ("tp", "dp", "pp") if g[k].ranks > 1}
+        mbs, layers, ckpt = st.micro_batches, st.layers, st.ckpt
+        mb_bytes = st.tokens_per_micro_batch * dims.hidden * st.act_bytes
+        tp_call = prior.seconds("all_reduce", mb_bytes, g["tp"])
+        tp = mbs * (4 * layers + 2 * ckpt) * tp_call
+        # FSDP2: parameters gathered in the compute dtype, gradients reduced in float32
+        gather_bytes = 2 if rc.precision.dtype == "bf16" else 4
+        block = (dims.total_params() - dims.vocab * dims.hidden * (1 if dims.tie_embeddings else 2)
+                 - dims.hidden) / dims.layers / p.tp
+        root = (dims.total_params() - dims.layers * block * p.tp) / p.pp  # embedding, head, norm
+        ag_block = prior.seconds("all_gather", block * gather_bytes, g["dp"])
+        rs_block = prior.seconds("reduce_scatter", block * 4, g["dp"])
+        ag_root = prior.seconds("all_gather", root * gather_bytes, g["dp"])
+        rs_root = prior.seconds("reduce_scatter", root * 4, g["dp"])
+        fwd_mb = st.forward_s / max(mbs, 1.0)
+        bwd_mb = (st.compute_s - st.forward_s) / max(mbs, 1.0)
+        per_step = p.reduce_per_step(rc.schedule.policy)
+        if g["dp"].ranks <= 1:
+            dp = exposed_dp = 0.0
+        elif p.zero_stage == 0:
+            params = dims.total_params() / (p.tp * p.pp)
+            buckets = max(1, math.ceil(params * 4 / _DDP_BUCKET_BYTES))
+            per_bucket = prior.seconds("all_reduce", params * 4 / buckets, g["dp"])
+            dp = buckets * per_bucket
+            exposed_dp = max(per_bucket, dp - bwd_mb)
+        else:
+            reduce = layers * rs_block + rs_root
+            gather = layers * ag_block + ag_root
+            gathers = 2 * mbs if p.zero_stage == 3 else 1.0  # forward and backward, per micro-batch
+            reductions = 1.0 if per_step else mbs
+            dp = gathers * gather + reductions * reduce
+            # each gather waits only for what its unit's compute cannot cover
+            fwd_exposed = ag_root + max(0.0, layers * ag_block - fwd_mb)
+            bwd_exposed = max(0.0, (layers * ag_block if p.zero_stage == 3 else 0.0)
+                              + (0.0 if per_step else reduce) - bwd_mb)
+            if p.zero_stage == 3:
+                exposed_dp = mbs * (fwd_exposed + bwd_exposed)
+            else:
+                exposed_dp = fwd_exposed + (mbs * bwd_exposed if not per_step else 0.0)
+            last = rs_root + rs_block  # the last units' reduction has no compute after it
+            if per_step:
+                last = max(last, reduce - bwd_mb)
+            exposed_dp += last
+        pp_call = prior.seconds("send_recv", mb_bytes, Group(2, 2 if g["pp"].per_node > 1 else 1))
+        pp = 2 * mbs * pp_call if p.pp > 1 else 0.0
+        bubble = st.per_micro_batch_s * (p.pp - 1)
+        copies = 0.0
+        if g["dp"].ranks > 1 and p.zero_stage > 0 and self.models.op_prior is not None:
+            # FSDP2 copies each gathered unit out of the all-gather buffer (read and write
+            # in the compute dtype) and each unit's gradients into the reduce-scatter buffer
+            # (read in the compute dtype, written in float32): memory-bound kernels on the
+            # compute stream
+            stage = layers * block + root
+            moved = (gathers * stage * 2 * gather_bytes
+                     + reductions * stage * (gather_bytes + 4))
+            copies = float(self.models.op_prior.seconds(
+                pd.DataFrame({"bytes": [moved]}), "copy")[0])
+        return Comm(tp, dp, pp, tp + exposed_dp + pp, bubble, exposed_dp, copies), sources
 
     @staticmethod
     def _sharing(rc: RunConfig) -> float:
@@ -518,7 +771,30 @@ class StepPredictor:
         sources = m.sources() | {f"comm_{k}": v for k, v in row["sources"].items()}
         return StepPrediction(float(row["step_time_s"]), float(row["tokens_per_s"]),
                               float(row["peak_mem_bytes"]), breakdown, m.calibration, sources,
-                              m.residual.n_measurements, m.memory.n_measurements)
+                              m.residual.n_measurements, m.memory.n_measurements,
+                              float(row["overlapped_s"]), self.spread(rc))
+
+    def spread(self, rc: RunConfig) -> dict[str, float]:
+        """Step time and tokens/s at the ends of the GPU prior's spread (its cited figures'
+        10th and 90th percentiles around each fit), where the prior prices the config."""
+        from dataclasses import replace
+
+        m = self.models
+        if m.op_prior is None:
+            return {}
+        out = {}
+        for q in ("low", "high"):
+            alt = replace(m, op_prior=m.op_prior.at(q),
+                          collective_prior=m.collective_prior.at(q) if m.collective_prior else None)
+            other = StepPredictor(alt, warmup=self.warmup, steps=self.steps)
+            # the plans and signatures do not depend on the prices
+            other._data, other._plans, other._sigs, other._rows = (self._data, self._plans,
+                                                                   self._sigs, self._rows)
+            row = other.predict_many([rc]).iloc[0]
+            out[f"step_time_s_{q}"] = float(row["step_time_s"])
+        out["tokens_per_s_low"] = float(row["tokens_per_step"]) / out["step_time_s_high"]
+        out["tokens_per_s_high"] = float(row["tokens_per_step"]) / out["step_time_s_low"]
+        return out
 
 
 def fits_in_memory(models: StepModels, *, margin: float):  # noqa: ANN201 - Fits
@@ -574,9 +850,9 @@ def _gpu_here() -> bool:
 
 
 def datasheet_models(device_name: str | None) -> StepModels:
-    """The analytic prior on a GPU's published peaks (dense bf16 and TF32 FLOP/s, memory
-    bandwidth), for planning a GPU job where the GPU is absent. Every figure priced on it
-    is a prediction from published numbers, and its sources say so."""
+    """The prior for a GPU that is absent: its published peaks (MFU's denominator) and the
+    GPU prior of cited public measurements (``cost_models.gpu_prior``) for every op family
+    and collective. Every figure priced on it is a prediction, and its sources say so."""
     from profilers.ceilings import datasheet, datasheet_names
 
     row = datasheet(device_name) if device_name else None
@@ -588,7 +864,19 @@ def datasheet_models(device_name: str | None) -> StepModels:
     ceil = Ceilings({"bf16": row.peak_flops("bf16"), "fp32": row.peak_flops("fp32")},
                     row.memory_bandwidth_gbs * 1e9,
                     source=f"datasheet {row.name} (published peaks, not measured)")
-    return StepModels(f"datasheet:{row.name}", "cuda", ceil, memory=MemoryModel.traced_gpu())
+    op_prior, coll = gpu_priors(row.name)
+    return StepModels(f"datasheet:{row.name}", "cuda", ceil, memory=MemoryModel.traced_gpu(),
+                      op_prior=op_prior, collective_prior=coll)
+
+
+def gpu_priors(name: str) -> tuple[OpPrior, CollectivePrior]:
+    """The op and collective priors of datasheet GPU ``name``; one line naming what is
+    missing where the data files hold no figures for it."""
+    try:
+        return OpPrior.for_device(name), CollectivePrior.for_device(name)
+    except KeyError as exc:
+        raise UserError(f"{name}: the GPU prior has no cited figures to price it "
+                        f"({exc.args[0]}); see cost_models/data/gpu/SOURCES.md") from None
 
 
 def default_models(folder: str | Path | None, device: str = "cpu", *,

@@ -23,6 +23,7 @@ import pandas as pd
 
 from cost_models.family import FamilyModel, FamilyRanker, ModelMismatch
 from cost_models.features import FEATURE_VERSION, Ceilings
+from cost_models.gpu_prior import CollectivePrior, OpPrior
 from cost_models.step import STEP_MODEL_VERSION, MemoryModel, ResidualModel
 
 __all__ = ["MANIFEST", "StepModels"]
@@ -40,6 +41,10 @@ class StepModels:
     residual: ResidualModel | None = None
     memory: MemoryModel | None = None
     rankers: dict[str, FamilyRanker] = field(default_factory=dict)
+    # The GPU prior (cited public measurements) for the families and collectives the fitted
+    # models do not cover; None on CPUs, where the roofline on measured ceilings stands in.
+    op_prior: OpPrior | None = None
+    collective_prior: CollectivePrior | None = None
 
     def __post_init__(self) -> None:
         if self.residual is None:
@@ -54,6 +59,8 @@ class StepModels:
 
     def sources(self) -> dict[str, str]:
         out = {f: f"{m.kind} ({m.n_train} cases)" for f, m in self.families.items()}
+        if self.op_prior is not None:
+            out |= self.op_prior.sources()
         out["ceilings"] = self.ceilings.source
         out["step_residual"] = f"{self.residual.n_measurements} measured steps"
         out["memory"] = f"{self.memory.n_measurements} {self.memory.kind} peaks"

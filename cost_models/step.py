@@ -82,6 +82,8 @@ class StepPrediction:
     sources: dict[str, str] = field(default_factory=dict)
     residual_measurements: int = 0
     memory_measurements: int = 0
+    overlapped_s: float = 0.0  # communication hidden behind compute (not in the breakdown)
+    spread: dict[str, float] = field(default_factory=dict)  # low / high step time, where known
 
     def to_json_dict(self) -> dict:
         return asdict(self)

@@ -502,6 +502,14 @@ def _row(name: str, mem: float, bf16: float, fp32_matrix: float, fp32_vector: fl
 
 
 _DATASHEET: tuple[tuple[str, Accelerator], ...] = (
+    # The SXM H100 of Meta's clusters that torchtitan publishes on: 96 GB of HBM2e at 2.4
+    # TB/s, a 500 W default power limit (700 W TDP); "the actual peak TFLOPs number is
+    # between SXM and NVL, and we don't know its exact value" (torchtitan's benchmarks/
+    # llama3_h100_202412_torchtitan.md). The SXM figure is listed, as torchtitan's MFU uses.
+    (
+        r"\bh100\b.*\b96 ?gb\b.*\bhbm2e\b",
+        _row("H100-SXM-96GB-HBM2e", 96, 989.4, 494.7, 67.0, 2400, _NVLINK4),
+    ),
     (
         r"\bh100\b(?!.*\b(pcie|nvl)\b).*\b(sxm\d?|hbm3)\b",
         _row("H100-SXM", 80, 989.4, 494.7, 67.0, 3350, _NVLINK4),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from autotune.config import RunConfig, Workload, load_yaml
-from autotune.data import Dataset, load_dataset
+from autotune.data import Dataset, Lengths, load_dataset, load_lengths
 from autotune.errors import UserError
 from autotune.launch import Launch
 
@@ -49,12 +49,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def load_runconfig(path: str) -> tuple[RunConfig, Dataset]:
+def load_runconfig(path: str, *, tokens: bool = True) -> tuple[RunConfig, Dataset | Lengths]:
     """A RunConfig from YAML and its data, loaded up front so that data errors surface
-    before any work starts."""
+    before any work starts; ``tokens=False``: the sequence lengths only (what planning and
+    pricing read)."""
     rc = load_yaml(RunConfig, Path(path))
+    load = load_dataset if tokens else load_lengths
     try:
-        dataset = load_dataset(rc.workload.data, rc.workload.model.resolve())
+        dataset = load(rc.workload.data, rc.workload.model.resolve())
     except UserError as exc:
         raise UserError(f"{path}: workload.data: {exc}") from None
     return rc, dataset

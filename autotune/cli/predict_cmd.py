@@ -50,7 +50,7 @@ def load_models(folder: str | None, hardware):  # noqa: ANN001, ANN201 - Hardwar
 def run(args: argparse.Namespace) -> int:
     from autotune.predict import StepPredictor
 
-    rc, _ = load_runconfig(args.runconfig)
+    rc, _ = load_runconfig(args.runconfig, tokens=False)
     models = load_models(args.models, rc.workload.hardware)
     predictor = StepPredictor(models, warmup=args.warmup, steps=args.steps)
     pred = predictor.predict(rc)
@@ -64,10 +64,17 @@ def run(args: argparse.Namespace) -> int:
           f"({use['tokens_per_s_per_device']:,.0f} per device x {use['world']}, MFU "
           f"{use['mfu']:.1%} of {models.ceilings.source}), step {pred.step_time_s:.3f} s, "
           f"peak memory {pred.peak_mem_bytes / 2**20:,.0f} MiB per rank ({how})")
+    if pred.spread:
+        print(f"  spread of the GPU prior's cited figures: {pred.spread['tokens_per_s_low']:,.0f} to "
+              f"{pred.spread['tokens_per_s_high']:,.0f} tokens/s (step "
+              f"{pred.spread['step_time_s_low']:.3f} to {pred.spread['step_time_s_high']:.3f} s)")
     total = sum(pred.breakdown.values())
     for part, seconds in pred.breakdown.items():
         if seconds:
-            print(f"  {part:<10} {seconds:9.4f} s  {seconds / total:6.1%}")
+            print(f"  {part:<12} {seconds:9.4f} s  {seconds / total:6.1%}")
+    if pred.overlapped_s:
+        print(f"  {'(overlapped)':<12} {pred.overlapped_s:9.4f} s  data-parallel communication "
+              f"hidden behind compute")
     for part, source in pred.sources.items():
         print(f"  source {part}: {source}", file=sys.stderr)
     return 0

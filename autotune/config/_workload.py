@@ -10,7 +10,7 @@ from autotune.config._model import ModelSpec
 
 __all__ = ["DATA_PRESETS", "BudgetSpec", "DataSpec", "HardwareSpec", "Workload"]
 
-DATA_PRESETS = ("longsft", "bimodal")
+DATA_PRESETS = ("longsft", "bimodal", "fixed")
 # A synthetic preset holds every sequence in memory: past this it cannot be drawn on any
 # machine, so 10**10 is refused here instead of failing to allocate.
 MAX_SEQUENCES = 10**7

@@ -15,6 +15,7 @@ from autotune.data.sequences import (
     MarkovSource,
     SequenceSet,
     bimodal_lengths,
+    fixed_lengths,
     longsft_lengths,
 )
 from autotune.errors import UserError
@@ -23,7 +24,7 @@ __all__ = ["Dataset", "Lengths", "load_dataset", "load_eval_dataset", "load_leng
 
 log = logging.getLogger(__name__)
 
-_PRESET_LENGTHS = {"longsft": longsft_lengths, "bimodal": bimodal_lengths}
+_PRESET_LENGTHS = {"longsft": longsft_lengths, "bimodal": bimodal_lengths, "fixed": fixed_lengths}
 
 
 @dataclass(frozen=True)

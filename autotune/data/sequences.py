@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MarkovSource", "SequenceSet", "bimodal_lengths", "longsft_lengths"]
+__all__ = ["MarkovSource", "SequenceSet", "bimodal_lengths", "fixed_lengths", "longsft_lengths"]
 
 # ChunkFlow's evaluation-set shape (reference/length_distributions.md): bins of
 # (low, high, weight) in tokens; a length is log-uniform inside its bin.
@@ -70,6 +70,13 @@ def bimodal_lengths(n: int, max_len: int, rng: np.random.Generator,
     long = rng.normal(0.75 * max_len, 0.1 * max_len, size=n)
     long = np.clip(np.rint(long), MIN_LEN, max_len).astype(np.int64)
     return np.where(rng.random(n) < long_fraction, long, short)
+
+
+def fixed_lengths(n: int, max_len: int, rng: np.random.Generator) -> np.ndarray:
+    """Every sequence ``max_len`` tokens: pre-training's fixed-length samples, the setting
+    of published throughput figures."""
+    del rng
+    return np.full(n, max_len, dtype=np.int64)
 
 
 class MarkovSource:

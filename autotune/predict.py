@@ -551,7 +551,8 @@ class StepPredictor:
         return Comm(tp, dp, pp, tp + dp + pp, bubble, dp), sources
 
     def _gpu_comm(self, rc: RunConfig, dims: ModelDims, st: _Step) -> tuple[Comm, dict]:
-        """Communication on GPUs from the collective prior, with what overlaps compute:
+        """Communication on GPUs (each collective from the collective profile where it has
+        a fit, else the collective prior of cited figures), with what overlaps compute:
         NCCL runs on its own streams, so FSDP's all-gathers (prefetched one unit ahead) hide
         behind the previous unit's compute and its reduce-scatters behind the next unit's
         backward; DDP's bucketed all-reduce behind the last micro-batch's backward; the

@@ -118,6 +118,14 @@ class KernelKey:
         return cls(dims.model_dump_json(), rc.parallel.tp, rc.precision.dtype, k.attention,
                    rc.compile == "blocks", k.norm == "fused", k.loss == "fused")
 
+    def shapes(self) -> tuple:
+        """What the op shapes depend on (not the kernels' fusion)."""
+        return self.model, self.tp, self.dtype, self.attention
+
+    def flags(self, family: str) -> tuple:
+        """The fusion flags a family's price reads."""
+        return {"norm": (self.compiled, self.fused_norm), "loss": (self.fused_loss,)}.get(family, ())
+
 
 @dataclass(frozen=True)
 class ComputeKey:
@@ -277,7 +285,8 @@ class StepPredictor:
         self._compute: dict[ComputeKey, StageCompute] = {}
         self._sigs: dict[tuple, int] = {}  # micro-batch signature -> id
         self._sig_cost: dict[KernelKey, np.ndarray] = {}  # -> [signature, costs]
-        self._rows: dict[tuple, tuple] = {}  # (kernel key, signatures) -> op rows (_op_rows)
+        self._rows: dict[tuple, tuple] = {}  # (shapes, signatures) -> op rows (_op_rows)
+        self._fam_seconds: dict[tuple, np.ndarray] = {}  # (shapes, signatures, family, flags)
         self._optimizer: dict[tuple[int, int], float] = {}
         self._ab: dict[tuple, tuple[float, float, str]] = {}
 
@@ -341,7 +350,12 @@ class StepPredictor:
         link, frames = self._op_rows(kkey, dims, tuple(todo))
         seconds = np.zeros(sum(len(f) for _, f in frames.values()))
         for fam, (idx, rows) in frames.items():
-            seconds[idx] = self._family_seconds(rows, fam, kkey)
+            # a family's prices depend on the kernel flags it reads only: configs that
+            # differ in the others share them
+            key = (kkey.shapes(), tuple(todo), fam, kkey.flags(fam))
+            if key not in self._fam_seconds:
+                self._fam_seconds[key] = self._family_seconds(rows, fam, kkey)
+            seconds[idx] = self._fam_seconds[key]
         block = np.zeros((len(self._sigs), width))
         np.add.at(block, (link[:, 0], link[:, 1]), seconds[link[:, 2]])
         is_layer = link[:, 1] < 2 * len(_FAMILIES)
@@ -355,7 +369,7 @@ class StepPredictor:
         """The distinct op shapes of signatures ``todo`` as case rows per family, and the
         links (signature, column, op) that sum their prices; kept, since they do not depend
         on the prices (the spread prices them again under other priors)."""
-        key = (kkey, todo)
+        key = (kkey.shapes(), todo)
         if key in self._rows:
             return self._rows[key]
         sigs = list(self._sigs)

@@ -7,15 +7,20 @@ expensive parts are shared across configs: plans depend only on the workload, th
 and dp; op-row predictions only on the plan, tp, pp, dtype and attention kernel (and are
 linear in the number of checkpointed layers, so every checkpointing policy costs one
 multiply-add). Each op family is predicted in one batched call for all configs at once.
-The fused loss and norm kernels are priced in time as the unfused ops (on this CPU their
-measured difference is within a step's noise); the fused loss's memory counts one chunk of
-logits instead of all of them.
+On CPUs the fused loss and norm kernels are priced in time as the unfused ops (their
+measured difference is within a step's noise); on GPUs the prior prices what each moves.
+The fused loss's memory counts one chunk of logits instead of all of them.
+
+The parts live apart: the plans (``autotune.data.step_plans``, the trainer's own walk), the
+table of a config's plans (``autotune.step_tables``), the ops each micro-batch runs
+(``autotune.step_ops``), communication and overlap (``autotune.step_comm``) and the memory
+counts (``autotune.step_memory``); this module prices and composes them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +29,10 @@ import pandas as pd
 
 from autotune.config import ModelDims, RunConfig
 from autotune.data import load_lengths, timed_plans
-from autotune.data.plan import ChunkGroup, StepPlan
+from autotune.data.plan import ChunkGroup
 from autotune.errors import UserError
+from autotune.step_comm import StepShape, gpu_comm, measured_comm
+from autotune.step_memory import gpu_memory_units, memory_units
 from autotune.step_ops import (
     layer_ops,
     loss_op,
@@ -35,50 +42,22 @@ from autotune.step_ops import (
     params_per_rank,
     signature,
 )
+from autotune.step_tables import PlanTable, unit_rows
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
-from cost_models.gpu_prior import CollectivePrior, Group, OpPrior
+from cost_models.gpu_prior import CollectivePrior, OpPrior
 from cost_models.step import (
     MEMORY_FEATURES,
     MemoryModel,
     StepPrediction,
-    activation_bytes_per_token,
     alpha_beta,
     family_seconds,
 )
-from kernels.linear_ce import workspace_bytes
 
 __all__ = ["StepPredictor", "complete_ceilings", "datasheet_models", "default_models",
            "fits_in_memory", "prior_models"]
 
 _FAMILIES = ("gemm", "attention", "norm", "loss")
-_DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP / replicate's default gradient bucket
-# Bytes one token keeps for backward in one decoder block on GPUs, per unit of the hidden
-# width (never split by tp) and of the q, kv and ffn widths (split by tp): counted with
-# saved-tensor hooks on the reference block for each way the trainer runs bf16 (FSDP2's
-# mixed precision; autocast over fp32 parameters when dp = 1) and for fp32. The norms keep
-# float32 statistics and inputs, rotary embeddings a float32 copy of q and k.
-_SAVED_PER_TOKEN = {"mixed": (16, 4, 4, 8), "autocast": (22, 4, 4, 8), "fp32": (20, 8, 8, 16)}
-
-
-def _loss_chunk(rc: RunConfig) -> int | None:
-    """Tokens per chunk of the fused loss; None for the full loss (all logits at once)."""
-    if rc.kernels.loss != "fused":
-        return None
-    from kernels.tuned import DEFAULTS
-
-    return rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
-
-
-def _heaviest_steps(plans: _Plans) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(step, rank, unit rows) of each data-parallel rank's heaviest priced step, as
-    ``autotune measure`` would meet its peak; ranks without work are skipped."""
-    for r in range(len(plans.steps[0])):
-        s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
-        if len(plans.units[s][r]):
-            yield s, r, plans.units[s][r]
-
-
 @dataclass(frozen=True)
 class PlanKey:
     """What a config's plans depend on: the data, the model, the global batch, the
@@ -154,124 +133,6 @@ class StageCompute:
                 self.runs_base + ckpt * self.runs_ckpt)
 
 
-@dataclass
-class _Plans:
-    """One workload + schedule + dp: the sampled steps' plans per data-parallel rank."""
-
-    steps: list[list[StepPlan]]  # [step][dp rank]
-    real_tokens: np.ndarray  # per step, all ranks
-    units: list[list[np.ndarray]]  # [step][rank] -> unit rows (see _unit_rows)
-    padded: np.ndarray  # [step, rank] padded tokens
-    micro_batches: np.ndarray  # [step, rank]
-    longest: np.ndarray  # [step, rank] longest real segment
-    entries: list | None = None  # [step][rank] -> (signature ids, forward-again flags)
-
-
-def _unit_rows(plan: StepPlan) -> np.ndarray:
-    """Per unit of work (a micro-batch, or a ChunkFlow group): tokens that keep activations,
-    their attention pairs, the tokens one recompute rematerializes, the key/value prefix,
-    and the tokens of the widest logits."""
-    out = []
-    for unit in plan.units:
-        if isinstance(unit, ChunkGroup):
-            kept = unit.chunks[len(unit.chunks) - unit.keep:]
-            widest = max(c.tokens for c in unit.chunks)
-            kept_tokens = sum(c.tokens for c in kept)
-            pairs = sum(c.attention_pairs for c in kept)
-            prefix = sum(c.segments[0].length for c in unit.chunks[:-1])
-            out.append((max(kept_tokens, widest), pairs, widest, prefix, widest))
-        else:
-            out.append((unit.tokens, unit.attention_pairs, unit.tokens, 0, unit.tokens))
-    return np.array(out, dtype=float).reshape(-1, 5)
-
-
-@dataclass(frozen=True)
-class _Step:
-    """The slowest replica's mean step, as the communication rules need it."""
-
-    compute_s: float  # forward, backward and recomputation of all micro-batches
-    forward_s: float  # of which forwards (recomputed ones included)
-    micro_batches: float
-    padded_tokens: float
-    layers: int  # on this pipeline stage
-    ckpt: int  # checkpointed layers on this stage
-    act_bytes: int
-
-    @property
-    def per_micro_batch_s(self) -> float:
-        return self.compute_s / max(self.micro_batches, 1.0)
-
-    @property
-    def tokens_per_micro_batch(self) -> float:
-        return self.padded_tokens / max(self.micro_batches, 1.0)
-
-
-@dataclass
-class Comm:
-    """A step's communication: seconds each kind takes in all (``*_s``), what of it the
-    step waits for (``exposed_s``) and the pipeline bubble."""
-
-    tp_s: float = 0.0
-    dp_s: float = 0.0
-    pp_s: float = 0.0
-    exposed_s: float = 0.0
-    bubble_s: float = 0.0
-    dp_exposed_s: float = 0.0
-    copies_s: float = 0.0  # FSDP's copies into and out of its collective buffers
-
-    def breakdown(self) -> dict[str, float]:
-        """The parts the step waits for (they add up with compute to the step)."""
-        out = {"comm_tp": self.tp_s, "comm_dp": self.dp_exposed_s, "comm_pp": self.pp_s,
-               "bubble": self.bubble_s}
-        return out | ({"fsdp_copies": self.copies_s} if self.copies_s else {})
-
-    @property
-    def overlapped_s(self) -> float:
-        """Data-parallel communication hidden behind compute."""
-        return self.dp_s - self.dp_exposed_s
-
-
-class _Collectives:
-    """One collective call's seconds on GPUs: the collective profile's alpha-beta fit where
-    it has one for the collective (scaled to the group size), else the collective prior of
-    cited nccl-tests figures, else nominal figures (labelled so)."""
-
-    def __init__(self, predictor: StepPredictor, device: str) -> None:
-        self.predictor, self.device = predictor, device
-        self.prior = predictor.models.collective_prior
-        fits = predictor.models.collective_fits
-        self.profiled = set() if fits is None or not len(fits) else set(fits.collective)
-
-    def seconds(self, collective: str, nbytes: float, group: Group) -> float:
-        if group.ranks <= 1:
-            return 0.0
-        if collective in self.profiled or self.prior is None:
-            a, b, _ = self.predictor._alpha_beta(collective, group.ranks, self.device)
-            return a + nbytes * b
-        return float(self.prior.seconds(collective, nbytes, group))
-
-    def source(self, group: Group) -> str:
-        where = f"{group.ranks} ranks, {group.per_node} per node"
-        if self.profiled:
-            return f"collective profile ({', '.join(sorted(self.profiled))}), {where}"
-        if self.prior is None:
-            return f"nominal figures, {where}"
-        return f"collective prior ({self.prior.device}, {where}): {self.prior.source}"
-
-
-def mesh_groups(rc: RunConfig) -> dict[str, Group]:
-    """The tp, dp and pp groups as the trainer's (pp, dp, tp) mesh lays ranks on nodes:
-    tp innermost (consecutive ranks), then dp, then pp."""
-    p, per_node = rc.parallel, rc.workload.hardware.devices_per_node
-
-    def group(size: int, stride: int) -> Group:
-        if size <= 1:
-            return Group(1, 1)
-        return Group(size, max(1, min(size, per_node // stride)) if stride < per_node else 1)
-
-    return {"tp": group(p.tp, 1), "dp": group(p.dp, p.tp), "pp": group(p.pp, p.tp * p.dp)}
-
-
 class StepPredictor:
     """``predict(rc)`` for one config, ``predict_many(rcs)`` for a batch (the search's
     path); ``warmup`` and ``steps`` pick the global batches priced, as ``autotune measure``
@@ -281,7 +142,7 @@ class StepPredictor:
         self.models = models
         self.warmup, self.steps = warmup, steps
         self._data: dict[str, object] = {}
-        self._plans: dict[PlanKey, _Plans] = {}
+        self._plans: dict[PlanKey, PlanTable] = {}
         self._compute: dict[ComputeKey, StageCompute] = {}
         self._sigs: dict[tuple, int] = {}  # micro-batch signature -> id
         self._sig_cost: dict[KernelKey, np.ndarray] = {}  # -> [signature, costs]
@@ -298,22 +159,22 @@ class StepPredictor:
             self._data[key] = load_lengths(rc.workload.data, dims)
         return self._data[key]
 
-    def _plans_for(self, rc: RunConfig, key: PlanKey, dims: ModelDims) -> _Plans:
+    def _plans_for(self, rc: RunConfig, key: PlanKey, dims: ModelDims) -> PlanTable:
         if key in self._plans:
             return self._plans[key]
         data = self._lengths(rc, dims)
         timed = timed_plans(rc, data.lengths, dims, warmup=self.warmup, steps=self.steps)
         steps = [ranks for _, ranks in timed]
         real = [int(data.lengths[ids].sum()) for ids, _ in timed]
-        units = [[_unit_rows(p) for p in ranks] for ranks in steps]
+        units = [[unit_rows(p) for p in ranks] for ranks in steps]
         padded = np.array([[sum(mb.tokens for mb in p.micro_batches()) for p in r] for r in steps], float)
         mbs = np.array([[sum(1 for _ in p.micro_batches()) for p in r] for r in steps], float)
         longest = np.array([[max((seg.length for mb in p.micro_batches() for seg in mb.segments),
                                  default=0) for p in r] for r in steps], float)
-        self._plans[key] = out = _Plans(steps, np.array(real, float), units, padded, mbs, longest)
+        self._plans[key] = out = PlanTable(steps, np.array(real, float), units, padded, mbs, longest)
         return out
 
-    def _entries(self, plans: _Plans) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    def _entries(self, plans: PlanTable) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per step and rank: each micro-batch's signature id, and whether its forward runs
         again whatever the checkpointing (a ChunkFlow chunk whose activations were dropped)."""
         if plans.entries is None:
@@ -403,7 +264,7 @@ class StepPredictor:
         return m.op_prior.seconds(rows, family, compiled=kkey.compiled, impl=kkey.attention,
                                   fused_norm=kkey.fused_norm, fused_loss=kkey.fused_loss)
 
-    def _compute_for(self, ckey: ComputeKey, plans: _Plans, dims: ModelDims) -> StageCompute:
+    def _compute_for(self, ckey: ComputeKey, plans: PlanTable, dims: ModelDims) -> StageCompute:
         if ckey in self._compute:
             return self._compute[ckey]
         entries = self._entries(plans)
@@ -489,7 +350,7 @@ class StepPredictor:
         frame["config"] = np.repeat(index, [len(u) for u in units])
         return frame
 
-    def _compose_one(self, rc: RunConfig, dims: ModelDims, plans: _Plans,
+    def _compose_one(self, rc: RunConfig, dims: ModelDims, plans: PlanTable,
                      compute: StageCompute) -> tuple[dict, np.ndarray]:
         p, dev = rc.parallel, rc.workload.hardware.device
         layers = dims.layers // p.pp
@@ -509,11 +370,11 @@ class StepPredictor:
         mbs = float(plans.micro_batches[steps, slow].mean())
         padded = float(plans.padded[steps, slow].mean())
         breakdown = {f: float(v) for f, v in zip(_FAMILIES, fam_s)} | {"optimizer": opt_s}
-        step = _Step(compute_s, forward_s, mbs, padded, layers, ckpt, act_bytes)
+        step = StepShape(compute_s, forward_s, mbs, padded, layers, ckpt, act_bytes)
         if dev == "cuda":
-            comm, sources = self._gpu_comm(rc, dims, step)
+            comm, sources = gpu_comm(self.models, self._alpha_beta, rc, dims, step)
         else:
-            comm, sources = self._measured_comm(rc, dims, step)
+            comm, sources = measured_comm(self._alpha_beta, rc, dims, step)
         breakdown |= comm.breakdown()
         exposed = comm.exposed_s
         composed = compute_s + opt_s + exposed + comm.bubble_s + comm.copies_s
@@ -532,108 +393,8 @@ class StepPredictor:
             "breakdown": breakdown, "sources": sources, "overlapped_s": comm.overlapped_s,
         }
         if dev == "cuda":
-            return row, self._gpu_memory_units(rc, dims, plans, layers, ckpt)
-        return row, self._memory_units(rc, dims, plans, layers, ckpt, act_bytes)
-
-    def _measured_comm(self, rc: RunConfig, dims: ModelDims, st: _Step) -> tuple[Comm, dict]:
-        """Communication from the collective profile's alpha-beta fits (or nominal figures),
-        added to compute as the CPU backend runs it: gloo's collectives take the cores the
-        compute would use, so nothing overlaps."""
-        p, dev = rc.parallel, rc.workload.hardware.device
-        mbs, padded, layers, ckpt = st.micro_batches, st.padded_tokens, st.layers, st.ckpt
-        sources = {}
-        # tensor parallel: two all-reduces of the block's output forward, two backward, per
-        # layer and micro-batch; recomputed forwards repeat theirs
-        a, b, sources["tp"] = self._alpha_beta("all_reduce", p.tp, dev)
-        tp_calls = mbs * (4 * layers + 2 * ckpt)
-        tp = tp_calls * a + padded * (4 * layers + 2 * ckpt) * dims.hidden * st.act_bytes * b
-        shard_bytes = dims.total_params() // (p.tp * p.pp) * 4
-        if p.zero_stage == 0:
-            a, b, sources["dp"] = self._alpha_beta("all_reduce", p.dp, dev)
-            dp = math.ceil(shard_bytes / _DDP_BUCKET_BYTES) * a + shard_bytes * b
-        else:
-            units = layers + 1  # one FSDP unit per block plus the root
-            gathers = 1 if p.zero_stage < 3 else 2 * mbs
-            ag = self._alpha_beta("all_gather", p.dp, dev)
-            rs = self._alpha_beta("reduce_scatter", p.dp, dev)
-            sources["dp"] = ag[2]
-            dp = (gathers * (units * ag[0] + shard_bytes * ag[1])
-                  + units * rs[0] + shard_bytes * rs[1])
-        a, b, sources["pp"] = self._alpha_beta("send_recv", 2 if p.pp > 1 else 1, dev)
-        pp = 2 * (mbs * a + padded * dims.hidden * st.act_bytes * b) if p.pp > 1 else 0.0
-        bubble = st.compute_s * (p.pp - 1) / max(mbs, 1.0)
-        return Comm(tp, dp, pp, tp + dp + pp, bubble, dp), sources
-
-    def _gpu_comm(self, rc: RunConfig, dims: ModelDims, st: _Step) -> tuple[Comm, dict]:
-        """Communication on GPUs (each collective from the collective profile where it has
-        a fit, else the collective prior of cited figures), with what overlaps compute:
-        NCCL runs on its own streams, so FSDP's all-gathers (prefetched one unit ahead) hide
-        behind the previous unit's compute and its reduce-scatters behind the next unit's
-        backward; DDP's bucketed all-reduce behind the last micro-batch's backward; the
-        step waits for the first gather and the last reduction. Tensor-parallel all-reduces
-        sit between the matmuls that need them (on the critical path); pipeline sends and
-        the bubble ((pp - 1) micro-batch times for GPipe and 1F1B) too."""
-        p = rc.parallel
-        prior = _Collectives(self, rc.workload.hardware.device)
-        g = mesh_groups(rc)
-        sources = {k: prior.source(g[k]) for k in ("tp", "dp", "pp") if g[k].ranks > 1}
-        mbs, layers, ckpt = st.micro_batches, st.layers, st.ckpt
-        mb_bytes = st.tokens_per_micro_batch * dims.hidden * st.act_bytes
-        tp_call = prior.seconds("all_reduce", mb_bytes, g["tp"])
-        tp = mbs * (4 * layers + 2 * ckpt) * tp_call
-        # FSDP2: parameters gathered in the compute dtype, gradients reduced in float32
-        gather_bytes = 2 if rc.precision.dtype == "bf16" else 4
-        block = (dims.total_params() - dims.vocab * dims.hidden * (1 if dims.tie_embeddings else 2)
-                 - dims.hidden) / dims.layers / p.tp
-        root = (dims.total_params() - dims.layers * block * p.tp) / p.pp  # embedding, head, norm
-        ag_block = prior.seconds("all_gather", block * gather_bytes, g["dp"])
-        rs_block = prior.seconds("reduce_scatter", block * 4, g["dp"])
-        ag_root = prior.seconds("all_gather", root * gather_bytes, g["dp"])
-        rs_root = prior.seconds("reduce_scatter", root * 4, g["dp"])
-        fwd_mb = st.forward_s / max(mbs, 1.0)
-        bwd_mb = (st.compute_s - st.forward_s) / max(mbs, 1.0)
-        per_step = p.reduce_per_step(rc.schedule.policy)
-        if g["dp"].ranks <= 1:
-            dp = exposed_dp = 0.0
-        elif p.zero_stage == 0:
-            params = dims.total_params() / (p.tp * p.pp)
-            buckets = max(1, math.ceil(params * 4 / _DDP_BUCKET_BYTES))
-            per_bucket = prior.seconds("all_reduce", params * 4 / buckets, g["dp"])
-            dp = buckets * per_bucket
-            exposed_dp = max(per_bucket, dp - bwd_mb)
-        else:
-            reduce = layers * rs_block + rs_root
-            gather = layers * ag_block + ag_root
-            gathers = 2 * mbs if p.zero_stage == 3 else 1.0  # forward and backward, per micro-batch
-            reductions = 1.0 if per_step else mbs
-            dp = gathers * gather + reductions * reduce
-            # each gather waits only for what its unit's compute cannot cover
-            fwd_exposed = ag_root + max(0.0, layers * ag_block - fwd_mb)
-            bwd_exposed = max(0.0, (layers * ag_block if p.zero_stage == 3 else 0.0)
-                              + (0.0 if per_step else reduce) - bwd_mb)
-            if p.zero_stage == 3:
-                exposed_dp = mbs * (fwd_exposed + bwd_exposed)
-            else:
-                exposed_dp = fwd_exposed + (mbs * bwd_exposed if not per_step else 0.0)
-            last = rs_root + rs_block  # the last units' reduction has no compute after it
-            if per_step:
-                last = max(last, reduce - bwd_mb)
-            exposed_dp += last
-        pp_call = prior.seconds("send_recv", mb_bytes, Group(2, 2 if g["pp"].per_node > 1 else 1))
-        pp = 2 * mbs * pp_call if p.pp > 1 else 0.0
-        bubble = st.per_micro_batch_s * (p.pp - 1)
-        copies = 0.0
-        if g["dp"].ranks > 1 and p.zero_stage > 0 and self.models.op_prior is not None:
-            # FSDP2 copies each gathered unit out of the all-gather buffer (read and write
-            # in the compute dtype) and each unit's gradients into the reduce-scatter buffer
-            # (read in the compute dtype, written in float32): memory-bound kernels on the
-            # compute stream
-            stage = layers * block + root
-            moved = (gathers * stage * 2 * gather_bytes
-                     + reductions * stage * (gather_bytes + 4))
-            copies = float(self.models.op_prior.seconds(
-                pd.DataFrame({"bytes": [moved]}), "copy")[0])
-        return Comm(tp, dp, pp, tp + exposed_dp + pp, bubble, exposed_dp, copies), sources
+            return row, gpu_memory_units(rc, dims, plans, layers, ckpt)
+        return row, memory_units(rc, dims, plans, layers, ckpt, act_bytes)
 
     @staticmethod
     def _sharing(rc: RunConfig) -> float:
@@ -642,110 +403,6 @@ class StepPredictor:
         if rc.workload.hardware.device != "cpu":
             return 1.0
         return float(min(rc.parallel.world_size, rc.workload.hardware.devices_per_node))
-
-    @staticmethod
-    def _memory_units(rc: RunConfig, dims: ModelDims, plans: _Plans, layers: int, ckpt: int,
-                      act_bytes: int) -> np.ndarray:
-        """Memory features of every unit in the steps ``autotune measure`` would replay for
-        the peak (each rank's heaviest timed step), bytes by the analytic count."""
-        p = rc.parallel
-        tp = p.tp
-        q, kv, ffn = dims.q_width // tp, dims.kv_width // tp, dims.ffn // tp
-        per_token_layer = activation_bytes_per_token(dims.hidden, q, kv, ffn, act_bytes)
-        params = dims.total_params() // (tp * p.pp)
-        if p.zero_stage == 0:
-            state, gathered = params * 4 * 4, 0.0
-        else:
-            state = params * 4 * 4 / p.dp
-            gathered = params * 4 if p.zero_stage < 3 else params * 4 * 2 / max(layers, 1)
-        loss_chunk = _loss_chunk(rc)
-        out = []
-        for _, _, u in _heaviest_steps(plans):
-            act_t, pairs, widest, prefix, logit_t = u.T
-            ones = np.ones(len(u))
-            # The loss's workspace scaled so that full logits count T x V x 8 bytes as ever
-            # (logits and their gradient; the fit's coefficient covers the rest), and the
-            # fused loss its chunk and gradients on the same scale.
-            logits = workspace_bytes(logit_t, dims.hidden, dims.vocab, loss_chunk, act_bytes) * 2 / 3
-            out.append(np.column_stack([
-                state * ones, gathered * ones,
-                act_t * (layers - ckpt) * per_token_layer,
-                act_t * ckpt * dims.hidden * act_bytes,
-                widest * per_token_layer * (1.0 if ckpt else 0.0),
-                pairs * (dims.heads // tp) * (layers - ckpt + (1 if ckpt else 0)) * act_bytes,
-                prefix * layers * 2 * kv * act_bytes,
-                logits,
-            ]))
-        return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
-
-    @staticmethod
-    def _gpu_memory_units(rc: RunConfig, dims: ModelDims, plans: _Plans, layers: int,
-                          ckpt: int) -> np.ndarray:
-        """The memory features of GPU configs, counted as the trainer holds them on GPUs
-        (and as ``autotune memory`` traces them): FSDP2's mixed precision where dp > 1 under
-        bf16 (fp32 master shards, bf16 gathered parameters), autocast over fp32 parameters
-        where dp = 1; the lm head and embedding never split by tp; FlashAttention keeps no
-        score matrices. With pp > 1, one row per unit for the first stage (the embedding,
-        1F1B's pp micro-batches in flight, GPipe's all) and for the last (the head and the
-        logits), so the peak is the worse stage's."""
-        p = rc.parallel
-        tp, h = p.tp, dims.hidden
-        mode = "fp32" if rc.precision.dtype != "bf16" else ("mixed" if p.dp > 1 else "autocast")
-        ch, cq, ckv, cf = _SAVED_PER_TOKEN[mode]
-        per_token = ch * h + (cq * dims.q_width + ckv * dims.kv_width + cf * dims.ffn) / tp
-        residual = 2 if mode == "mixed" else 4  # a checkpointed layer's saved input
-        compute_bytes = 4 if mode == "fp32" else 2  # gathered parameters, K/V state
-        # outside the blocks: the embedding, the lm head (unless tied) and the final norm
-        embed = dims.vocab * h
-        head = 0 if dims.tie_embeddings else embed
-        block = (dims.total_params() - embed - head - h) / dims.layers / tp
-        last = head + h if p.pp > 1 else embed + head + h
-        # (parameters this stage holds beyond its blocks, whether it computes the loss)
-        stages = [(last, True)] if p.pp == 1 else [(embed, False), (last, True)]
-        loss_chunk = _loss_chunk(rc)
-        sharded = p.zero_stage >= 1 and p.dp > 1
-        per_step = p.dp > 1 and p.reduce_per_step(rc.schedule.policy)
-        out = []
-        for s, r, u in _heaviest_steps(plans):
-            act_t, pairs, widest, prefix, logit_t = u.T
-            n_mb = float(plans.micro_batches[s, r])
-            for extra, has_loss in stages:
-                local = layers * block + extra
-                state = 16.0 * local / (p.dp if sharded else 1)
-                if mode == "autocast":  # bf16 copies of the weights, kept for backward
-                    gathered = 2.0 * local
-                elif p.dp == 1:
-                    gathered = 0.0
-                elif p.zero_stage == 3:  # the root's parameters and one block in flight
-                    gathered = compute_bytes * (extra + block)
-                elif mode == "mixed" or p.zero_stage in (1, 2):  # bf16 copies, or unsharded
-                    gathered = compute_bytes * local
-                else:
-                    gathered = 0.0
-                if per_step:  # gradients accumulated unsharded (fp32) until the step's sync
-                    gathered += 4.0 * local
-                if p.pp == 1 or has_loss:
-                    flight = 1.0
-                else:
-                    flight = n_mb if p.pp_schedule == "gpipe" else min(float(p.pp), n_mb)
-                logits = (workspace_bytes(logit_t, h, dims.vocab, loss_chunk, compute_bytes) * 2 / 3
-                          if has_loss else np.zeros(len(u)))
-                ones = np.ones(len(u))
-                # torch's pipeline stage keeps a receive buffer and an input gradient (or an
-                # output and its gradient) of every micro-batch of the step: tokens x
-                # hidden, counted with the checkpointed inputs
-                buffers = n_mb * act_t * h * 4.0 if p.pp > 1 else 0.0
-                out.append(np.column_stack([
-                    state * ones, gathered * ones,
-                    flight * act_t * (layers - ckpt) * per_token,
-                    flight * act_t * ckpt * h * residual + buffers,
-                    widest * per_token * (1.0 if ckpt else 0.0),
-                    pairs * (dims.heads // tp) * (layers - ckpt + (1 if ckpt else 0)) * compute_bytes
-                    * (1.0 if rc.kernels.attention == "eager" else 0.0),
-                    prefix * layers * 2 * (dims.kv_width // tp) * compute_bytes,
-                    logits,
-                ]))
-        return np.vstack(out) if out else np.zeros((1, len(MEMORY_FEATURES)))
 
     # ---- predictions --------------------------------------------------------------------
     def predict_many(self, rcs: list[RunConfig]) -> pd.DataFrame:

@@ -227,7 +227,7 @@ def write_report(model: MemoryModel, table: pd.DataFrame, errors: pd.DataFrame, 
         "",
         "## Coefficients (cost_models/data/memory_gpu.json)",
         "",
-        "Each multiplies an analytic count of `autotune.predict` (`_gpu_memory_units`): state "
+        "Each multiplies an analytic count of `autotune.step_memory` (`gpu_memory_units`): state "
         "(fp32 parameters, gradients and AdamW moments this rank holds), gathered parameters "
         "(and gradients accumulated unsharded), activations of layers that keep them, "
         "checkpointed layers' inputs, one layer recomputed, score matrices (none under "

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from autotune.config import RunConfig
-from autotune.predict import StepPredictor, _Step, datasheet_models, mesh_groups
+from autotune.predict import StepPredictor, datasheet_models
+from autotune.step_comm import StepShape, gpu_comm, mesh_groups
 from autotune.step_ops import EAGER_OPS, count_eager_traffic, eager_traffic, op_case
 from cost_models.gpu_prior import DATA, CollectivePrior, Group, OpPrior
 
@@ -209,11 +210,12 @@ def _rc(**kw: object) -> RunConfig:
         "parallel": {k: v for k, v in kw.items()}})
 
 
-def _comm(rc: RunConfig, st: _Step):  # noqa: ANN202
+def _comm(rc: RunConfig, st: StepShape):  # noqa: ANN202
     models = datasheet_models("H100-SXM")
     models.collective_prior = _FlatPrior()
     models.op_prior = None  # no FSDP copy kernels: the overlap rules alone
-    return StepPredictor(models)._gpu_comm(rc, rc.workload.model.resolve(), st)[0]
+    pred = StepPredictor(models)
+    return gpu_comm(models, pred._alpha_beta, rc, rc.workload.model.resolve(), st)[0]
 
 
 def _sizes(rc: RunConfig) -> tuple[float, float]:
@@ -229,13 +231,13 @@ def test_fsdp_gathers_hide_behind_compute_but_the_first() -> None:
     ag = lambda n: n * 2 * 7 / 8 / 1e9  # noqa: E731 - bf16 gathers
     rs = lambda n: n * 4 * 7 / 8 / 1e9  # noqa: E731 - float32 reductions
     # plenty of compute: only the root's gather and the last two reductions show
-    st = _Step(compute_s=3.0, forward_s=1.0, micro_batches=1, padded_tokens=128, layers=2, ckpt=0,
+    st = StepShape(compute_s=3.0, forward_s=1.0, micro_batches=1, padded_tokens=128, layers=2, ckpt=0,
                act_bytes=2)
     c = _comm(rc, st)
     assert c.dp_s == pytest.approx(2 * (2 * ag(block) + ag(root)) + 2 * rs(block) + rs(root), rel=1e-9)
     assert c.dp_exposed_s == pytest.approx(ag(root) + rs(root) + rs(block), rel=1e-9)
     # no compute to hide behind: every gather and reduction shows
-    st0 = _Step(1e-12, 5e-13, 1, 128, 2, 0, 2)
+    st0 = StepShape(1e-12, 5e-13, 1, 128, 2, 0, 2)
     c0 = _comm(rc, st0)
     assert c0.dp_exposed_s == pytest.approx(
         ag(root) + 2 * ag(block) + 2 * ag(block) + 2 * rs(block) + rs(root) + rs(root) + rs(block)
@@ -246,7 +248,7 @@ def test_ddp_all_reduce_hides_behind_the_last_backward() -> None:
     rc = _rc(dp=8, zero_stage=0)
     d = rc.workload.model.resolve()
     total = d.total_params() * 4 * 2 * 7 / 8 / 1e9  # one bucket: the model is 25 MB at most
-    st = _Step(compute_s=3.0, forward_s=1.0, micro_batches=2, padded_tokens=256, layers=2, ckpt=0,
+    st = StepShape(compute_s=3.0, forward_s=1.0, micro_batches=2, padded_tokens=256, layers=2, ckpt=0,
                act_bytes=2)
     c = _comm(rc, st)
     assert c.dp_s == pytest.approx(total, rel=1e-9)
@@ -256,7 +258,7 @@ def test_ddp_all_reduce_hides_behind_the_last_backward() -> None:
 
 def test_tensor_parallel_all_reduces_are_on_the_critical_path() -> None:
     rc = _rc(tp=2)
-    st = _Step(compute_s=3.0, forward_s=1.0, micro_batches=2, padded_tokens=256, layers=2, ckpt=1,
+    st = StepShape(compute_s=3.0, forward_s=1.0, micro_batches=2, padded_tokens=256, layers=2, ckpt=1,
                act_bytes=2)
     c = _comm(rc, st)
     per_call = 128 * 64 * 2 * 2 * 1 / 2 / 1e9  # a micro-batch's activations, 2(n-1)/n = 1
@@ -268,7 +270,7 @@ def test_tensor_parallel_all_reduces_are_on_the_critical_path() -> None:
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_pipeline_bubble_is_pp_minus_one_micro_batches(schedule: str) -> None:
     rc = _rc(pp=2, pp_schedule=schedule)
-    st = _Step(compute_s=4.0, forward_s=1.0, micro_batches=4, padded_tokens=512, layers=1, ckpt=0,
+    st = StepShape(compute_s=4.0, forward_s=1.0, micro_batches=4, padded_tokens=512, layers=1, ckpt=0,
                act_bytes=2)
     c = _comm(rc, st)
     assert c.bubble_s == pytest.approx((2 - 1) * 4.0 / 4, rel=1e-12)
@@ -308,9 +310,9 @@ def test_a_collective_profile_overrides_the_prior() -> None:
                                            "ranks": [8, 8], "alpha_s": [1e-3, 1e-3],
                                            "beta_s_per_byte": [1e-9, 2e-9]})
     block, root = _sizes(rc)
-    st = _Step(compute_s=1e-12, forward_s=5e-13, micro_batches=1, padded_tokens=128, layers=2, ckpt=0,
+    st = StepShape(compute_s=1e-12, forward_s=5e-13, micro_batches=1, padded_tokens=128, layers=2, ckpt=0,
                act_bytes=2)
-    c = StepPredictor(models)._gpu_comm(rc, rc.workload.model.resolve(), st)[0]
+    c = gpu_comm(models, StepPredictor(models)._alpha_beta, rc, rc.workload.model.resolve(), st)[0]
     ag = lambda n: 1e-3 + n * 2 * 1e-9  # noqa: E731 - the fit, bf16 gathers
     rs = lambda n: 1e-3 + n * 4 * 2e-9  # noqa: E731 - float32 reductions
     assert c.dp_s == pytest.approx(2 * (2 * ag(block) + ag(root)) + 2 * rs(block) + rs(root), rel=1e-9)

@@ -43,6 +43,12 @@ class ScheduleConfig(BaseModel):
         "estimated compute, in arrival order (a distributed sampler), or the policy's own "
         "choice (compute for pack, skrull and chunkflow; arrival order for the padding "
         "baselines, sorted dealing for sorted)")
+    cp_placement: Literal["dacp", "all", "none"] = Field(
+        "dacp", description="with context parallelism (cp > 1), where each sequence of a "
+        "micro-batch runs: dacp (Skrull: per sequence, sharded across the cp ranks or whole on "
+        "the least-loaded one, whichever leaves the slowest rank least loaded; sequences "
+        "longer than micro_batch_tokens always sharded), all (every sequence sharded) or none "
+        "(every sequence whole); a micro-batch holds up to cp x micro_batch_tokens tokens")
 
 
 class ParallelConfig(BaseModel):
@@ -253,7 +259,23 @@ def rule_violations(rc: RunConfig) -> list[str]:
                         f"micro-batch over the whole model's layers; use full or selective "
                         f"with pipelines")
     if p.cp > 1:
-        problems.append(f"cp={p.cp}: context parallelism is not implemented by this trainer")
+        if s.policy not in ("pack", "skrull"):
+            problems.append(f"cp={p.cp} with schedule.policy {s.policy}: context parallelism "
+                            f"shards packed sequences; use pack or skrull")
+        if p.pp > 1:
+            problems.append(f"cp={p.cp} with pp={p.pp}: context parallelism inside pipeline "
+                            f"stages is not built; use pp 1")
+        if rc.compile == "blocks":
+            problems.append(f"cp={p.cp} with compile=blocks: the sharded attention's gather runs "
+                            f"per layer outside the compiled graph and is not built compiled; "
+                            f"use compile none")
+        if rc.checkpointing.policy == "adaptive":
+            problems.append(f"cp={p.cp} with adaptive checkpointing: its per-layer memory "
+                            f"model counts whole micro-batches; use none, full or selective")
+        if s.micro_batch_tokens < 2 * p.cp:
+            problems.append(f"cp={p.cp} with micro_batch_tokens={s.micro_batch_tokens}: a sharded "
+                            f"sequence is split into 2 x cp = {2 * p.cp} pieces, and one rank "
+                            f"must hold at least that many tokens")
     if s.policy == "chunkflow" and s.chunk_size > s.micro_batch_tokens:
         problems.append(f"chunkflow needs chunk_size <= micro_batch_tokens "
                         f"(chunk_size={s.chunk_size}, micro_batch_tokens={s.micro_batch_tokens})")

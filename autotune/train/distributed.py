@@ -17,6 +17,7 @@ __all__ = ["ParallelContext", "fake_parallel", "init_parallel", "results_written
            "shutdown_parallel"]
 
 MESH_DIMS = ("pp", "dp", "tp")  # outermost to innermost, as torchtitan orders them
+MESH_DIMS_CP = ("pp", "dp", "cp", "tp")  # with context parallelism
 
 
 @dataclass
@@ -34,6 +35,18 @@ class ParallelContext:
     dp_rank: int = 0
     tp_rank: int = 0
     mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh when world > 1
+    cp: int = 1
+    cp_rank: int = 0
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same parameters of a stage and tp shard: data-parallel replicas
+        times the ranks of a context-parallel group (each runs its own tokens)."""
+        return self.dp * self.cp
+
+    def replica_mesh(self) -> Any:
+        """The mesh FSDP2 and replicate reduce gradients over: dp, flattened with cp."""
+        return self.mesh["dp_cp"] if self.cp > 1 else self.mesh["dp"]
 
     @property
     def distributed(self) -> bool:
@@ -92,16 +105,27 @@ def init_parallel(rc: RunConfig) -> ParallelContext:
     if world == 1:
         return ParallelContext(device=device)
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=(
             device if kind == "cuda" else None))
-    mesh = init_device_mesh(kind, (p.pp, p.dp, p.tp), mesh_dim_names=MESH_DIMS)
-    coords = mesh.get_coordinate()
+    mesh, coords = _mesh(kind, p)
     return ParallelContext(device=device, rank=dist.get_rank(), world=world, pp=p.pp, dp=p.dp,
-                           tp=p.tp, pp_rank=coords[0], dp_rank=coords[1], tp_rank=coords[2],
-                           mesh=mesh)
+                           tp=p.tp, pp_rank=coords[0], dp_rank=coords[1], tp_rank=coords[-1],
+                           mesh=mesh, cp=p.cp, cp_rank=coords[2] if p.cp > 1 else 0)
+
+
+def _mesh(kind: str, p: Any) -> tuple[Any, list[int]]:
+    """The (pp, dp, tp) mesh, or (pp, dp, cp, tp) with dp and cp flattened into dp_cp for
+    the gradient reduction (torchtitan's layout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if p.cp == 1:
+        mesh = init_device_mesh(kind, (p.pp, p.dp, p.tp), mesh_dim_names=MESH_DIMS)
+    else:
+        mesh = init_device_mesh(kind, (p.pp, p.dp, p.cp, p.tp), mesh_dim_names=MESH_DIMS_CP)
+        mesh["dp", "cp"]._flatten("dp_cp")
+    return mesh, mesh.get_coordinate()
 
 
 @contextlib.contextmanager
@@ -115,7 +139,6 @@ def fake_parallel(rc: RunConfig, *, rank: int = 0) -> Iterator[ParallelContext]:
     either device. Tears the group down afterwards."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     p = rc.parallel
@@ -123,13 +146,13 @@ def fake_parallel(rc: RunConfig, *, rank: int = 0) -> Iterator[ParallelContext]:
         raise RuntimeError("a process group is already initialised in this process")
     dist.init_process_group("fake", rank=rank, world_size=p.world_size, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (p.pp, p.dp, p.tp), mesh_dim_names=MESH_DIMS)
-        coords = mesh.get_coordinate()
+        mesh, coords = _mesh("cpu", p)
         # Meta tensors (the model before to_empty) become fake ones on entry.
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield ParallelContext(device=torch.device("cpu"), rank=rank, world=p.world_size,
                                   pp=p.pp, dp=p.dp, tp=p.tp, pp_rank=coords[0],
-                                  dp_rank=coords[1], tp_rank=coords[2], mesh=mesh)
+                                  dp_rank=coords[1], tp_rank=coords[-1], mesh=mesh, cp=p.cp,
+                                  cp_rank=coords[2] if p.cp > 1 else 0)
     finally:
         dist.destroy_process_group()
 

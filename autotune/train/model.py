@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ class PackedBatch:
     labels: torch.Tensor
     positions: torch.Tensor
     segments: Segments
+    cp: Any = None  # a context-parallel rank's layout (autotune.train.context_parallel.CPLayout)
 
     @property
     def cu_seqlens(self) -> tuple[int, ...]:
@@ -58,6 +60,7 @@ class LayerAttention:
 
     segments: Segments
     prefix: KV | None = None
+    cp: Any = None  # context parallelism's layout, where the micro-batch is sharded
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: LayerAttention,
@@ -65,6 +68,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: LayerAttentio
     # Profiler scopes name cost families for profilers/trace.py. Unprofiled, one costs
     # about 10 us: under a millisecond per step of the default workload.
     with record_function("autotune:attention"):
+        if at.cp is not None:
+            from autotune.train.context_parallel import cp_attention
+
+            return cp_attention(q, k, v, at.cp, impl)
         return attention(q, k, v, at.segments, impl=impl, prefix_kv=at.prefix)
 
 
@@ -240,14 +247,15 @@ class Decoder(nn.Module):
         self.rotary.reset_buffers()
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, segments: Segments,
-                   prefix_kv: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+                   prefix_kv: list[KV] | None = None, cp: Any = None
+                   ) -> tuple[torch.Tensor, list[KV]]:
         """The transformer blocks this module holds (all, or a pipeline stage's share), and
         per layer the keys and values of segment 0."""
         cos, sin = self.rotary.angles(positions)
         seg0 = segments.cu_q[1]
         kvs: list[KV] = []
         for i, (name, layer) in enumerate(self.layers.items()):
-            at = LayerAttention(segments, prefix_kv[i] if prefix_kv is not None else None)
+            at = LayerAttention(segments, prefix_kv[i] if prefix_kv is not None else None, cp)
             if int(name) < self.checkpoint_layers and torch.is_grad_enabled():
                 h, k, v = checkpoint(layer, h, cos, sin, at, use_reentrant=False)
             else:
@@ -289,5 +297,5 @@ class Decoder(nn.Module):
                 return_kv: bool = False) -> tuple[torch.Tensor, list[KV]]:
         """Summed loss, and segment 0's keys and values per layer when ``return_kv``."""
         h = self.tok_embeddings(batch.input_ids)
-        h, kvs = self.run_layers(h, batch.positions, batch.segments, prefix_kv)
+        h, kvs = self.run_layers(h, batch.positions, batch.segments, prefix_kv, batch.cp)
         return self.loss_sum(h, batch.labels), (kvs if return_kv else [])

@@ -107,8 +107,8 @@ def parallelize(model: nn.Module, rc: RunConfig, ctx: Any) -> nn.Module:
         apply_tp(model, tp_mesh=ctx.submesh("tp"))
     if rc.compile == "blocks":
         apply_compile(model, dynamic=rc.schedule.policy in PADDED_POLICIES)
-    if ctx.dp > 1:
-        apply_data_parallel(model, dp_mesh=ctx.submesh("dp"), zero_stage=rc.parallel.zero_stage,
+    if ctx.replicas > 1:
+        apply_data_parallel(model, dp_mesh=ctx.replica_mesh(), zero_stage=rc.parallel.zero_stage,
                             param_dtype=torch.bfloat16 if rc.precision.dtype == "bf16" else None)
     return model
 

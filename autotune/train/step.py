@@ -18,7 +18,7 @@ from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.model import IGNORE_INDEX, KV, Decoder, PackedBatch
 from kernels.attention import Segments, to_device
 
-__all__ = ["StepExecutor", "materialize"]
+__all__ = ["CPShareOf", "StepExecutor", "materialize"]
 
 
 def materialize(mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
@@ -72,6 +72,31 @@ def _padding_batch(tokens: int, device: torch.device) -> PackedBatch:
                        Segments((0, tokens), device=device, cu_q_dev=dev[3 * tokens:]))
 
 
+@dataclass(frozen=True)
+class CPShareOf:
+    """A context-parallel rank's part in every micro-batch: its rank in the group of ``cp``,
+    the group, and how sequences are placed (``autotune.data.context_parallel.place``)."""
+
+    cp: int
+    rank: int
+    group: object
+    placement: str
+    hidden: int
+    rank_tokens: int
+
+    def batch(self, mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
+              device: torch.device) -> PackedBatch:
+        from autotune.data.context_parallel import place
+        from autotune.train.context_parallel import materialize_share
+
+        share = place(mb, self.cp, self.placement, hidden=self.hidden,
+                      rank_tokens=self.rank_tokens)[self.rank]
+        if not share.local and not share.sharded:  # fewer whole sequences than ranks
+            return _padding_batch(2, device)
+        return materialize_share(share, seqs, batch_ids, device, rank=self.rank, cp=self.cp,
+                                 group=self.group)
+
+
 @dataclass
 class StepOutput:
     loss_sum: torch.Tensor  # this rank's summed cross-entropy, on the device (not read back)
@@ -83,17 +108,21 @@ class StepExecutor:
 
     def __init__(self, model: Decoder, seqs: SequenceSet, *, device: torch.device,
                  autocast_dtype: torch.dtype | None = None,
-                 adaptive: AdaptiveCheckpointing | None = None, pad_to: int = 0):
+                 adaptive: AdaptiveCheckpointing | None = None, pad_to: int = 0,
+                 cp: CPShareOf | None = None):
         self.model = model
         self.seqs = seqs
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.adaptive = adaptive
         self.pad_to = pad_to  # static token width for a compiled model; 0: as they come
+        self.cp = cp
 
     def _batch(self, mb: MicroBatch, batch_ids: np.ndarray) -> PackedBatch:
         # The two-token batch of a rank keeping step stays small: one more compiled shape
         # costs less than a full micro-batch of padding.
+        if self.cp is not None and mb.segments:
+            return self.cp.batch(mb, self.seqs, batch_ids, self.device)
         return materialize(mb, self.seqs, batch_ids, self.device,
                            pad_to=self.pad_to if mb.segments else 0)
 

@@ -30,7 +30,7 @@ from autotune.train.distributed import ParallelContext
 from autotune.train.flops import model_flops
 from autotune.train.parallelize import build_model
 from autotune.train.pipeline import PipelineRunner
-from autotune.train.step import StepExecutor, materialize
+from autotune.train.step import CPShareOf, StepExecutor, materialize
 
 __all__ = ["PendingStep", "StepResult", "Trainer", "clip_grad_norm", "make_optimizer"]
 
@@ -59,7 +59,7 @@ def _copies(t: torch.Tensor, ctx: ParallelContext) -> int:
     tensor, else the stage ranks outside its mesh times its replicated mesh dims."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    stage_ranks = ctx.dp * ctx.tp
+    stage_ranks = ctx.replicas * ctx.tp
     mesh = getattr(t, "device_mesh", None)
     if mesh is None:
         return stage_ranks
@@ -143,7 +143,7 @@ class Trainer:
                 rc.kernels, rc.precision.dtype, self.device.type))
         except CacheMismatch as exc:
             raise UserError(str(exc)) from None
-        self.mixed_precision = rc.precision.dtype == "bf16" and self.ctx.dp > 1
+        self.mixed_precision = rc.precision.dtype == "bf16" and self.ctx.replicas > 1
         # Under FSDP2's mixed precision the parameters are cast for compute; elsewhere bf16
         # is autocast around fp32 parameters.
         autocast = (torch.bfloat16 if rc.precision.dtype == "bf16" and not self.mixed_precision
@@ -162,9 +162,10 @@ class Trainer:
         static = rc.compile == "blocks" and rc.schedule.policy not in PADDED_POLICIES
         self.executor = StepExecutor(self.model, self.dataset.sequences, device=self.device,
                                      autocast_dtype=autocast, adaptive=self._adaptive(rc),
-                                     pad_to=rc.schedule.micro_batch_tokens if static else 0)
+                                     pad_to=rc.schedule.micro_batch_tokens if static else 0,
+                                     cp=self._cp_share(rc))
         p = rc.parallel
-        dp = self.ctx.dp > 1
+        dp = self.ctx.replicas > 1
         self._per_step = dp and self.ctx.pp == 1 and p.reduce_per_step(rc.schedule.policy)
         # Sharded parameters are gathered, and gradients reduced, per micro-batch; pipeline
         # peers exchange per micro-batch: every data-parallel rank must run as many.
@@ -176,6 +177,13 @@ class Trainer:
         self._hold_unsharded = self._per_step and p.zero_stage in (1, 2)
         self.time_compute = time_compute
         self.step_count = 0
+
+    def _cp_share(self, rc: RunConfig) -> CPShareOf | None:
+        if self.ctx.cp == 1:
+            return None
+        return CPShareOf(self.ctx.cp, self.ctx.cp_rank, self.ctx.group("cp"),
+                         rc.schedule.cp_placement, self.dims.hidden,
+                         rc.schedule.micro_batch_tokens)
 
     def _adaptive(self, rc: RunConfig) -> AdaptiveCheckpointing | None:
         ck = rc.checkpointing
@@ -207,7 +215,7 @@ class Trainer:
         return ids, plans[self.ctx.dp_rank], sched_s
 
     def _forward_backward(self, plan: StepPlan, ids: np.ndarray, targets: int) -> torch.Tensor:
-        scale = self.ctx.dp / targets  # gradient reduction averages over dp ranks
+        scale = self.ctx.replicas / targets  # gradient reduction averages over dp x cp ranks
         if self.pipeline is not None:
             return self.pipeline.run(plan, self.dataset.sequences, ids, grad_scale=scale)
         if self._per_step:

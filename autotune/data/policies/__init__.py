@@ -29,7 +29,11 @@ __all__ = [
 
 
 def make_policy(rc: RunConfig, dims: ModelDims, *, data_max_len: int) -> SchedulingPolicy:
-    return POLICY_CLASSES[rc.schedule.policy](rc.schedule, dims, data_max_len=data_max_len)
+    schedule = rc.schedule
+    if rc.parallel.cp > 1:  # a micro-batch is spread over the cp ranks of its group
+        schedule = schedule.model_copy(update={
+            "micro_batch_tokens": schedule.micro_batch_tokens * rc.parallel.cp})
+    return POLICY_CLASSES[schedule.policy](schedule, dims, data_max_len=data_max_len)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from autotune.step_ops import (
     params_per_rank,
     signature,
 )
-from autotune.step_tables import PlanTable, unit_rows
+from autotune.step_tables import PlanTable, cp_micro_batches, unit_rows
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
 from cost_models.gpu_prior import CollectivePrior, OpPrior
@@ -69,13 +69,14 @@ class PlanKey:
     schedule: str
     dp: int
     seed: int
+    cp: int = 1
 
     @classmethod
     def of(cls, rc: RunConfig) -> PlanKey:
         wl = rc.workload
         return cls(wl.model.model_dump_json(), wl.data.model_dump_json(),
                    wl.budget.global_batch_tokens, rc.schedule.model_dump_json(), rc.parallel.dp,
-                   rc.seed)
+                   rc.seed, rc.parallel.cp)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,9 @@ class StepPredictor:
         timed = timed_plans(rc, data.lengths, dims, warmup=self.warmup, steps=self.steps)
         steps = [ranks for _, ranks in timed]
         real = [int(data.lengths[ids].sum()) for ids, _ in timed]
+        if rc.parallel.cp > 1:
+            self._plans[key] = out = self._cp_table(rc, dims, steps, np.array(real, float))
+            return out
         units = [[unit_rows(p) for p in ranks] for ranks in steps]
         padded = np.array([[sum(mb.tokens for mb in p.micro_batches()) for p in r] for r in steps], float)
         mbs = np.array([[sum(1 for _ in p.micro_batches()) for p in r] for r in steps], float)
@@ -174,9 +178,32 @@ class StepPredictor:
         self._plans[key] = out = PlanTable(steps, np.array(real, float), units, padded, mbs, longest)
         return out
 
+    @staticmethod
+    def _cp_table(rc: RunConfig, dims: ModelDims, steps: list, real: np.ndarray) -> PlanTable:
+        """The table of a context-parallel config: every micro-batch as its busiest rank of
+        the cp group runs it (its share of tokens and attention pairs)."""
+        s = rc.schedule
+        views = [[cp_micro_batches(p, rc.parallel.cp, s.cp_placement, dims.hidden,
+                                   s.micro_batch_tokens) for p in ranks] for ranks in steps]
+        # the gathered keys and values stand where ChunkFlow's carried state does
+        units = [[np.array([(v.tokens, v.pairs, v.tokens, v.gathered, v.tokens) for v in mbs],
+                           dtype=float).reshape(-1, 5) for mbs in ranks] for ranks in views]
+
+        def grid(f) -> np.ndarray:  # noqa: ANN001
+            return np.array([[f(mbs) for mbs in ranks] for ranks in views], float)
+
+        return PlanTable(steps, real, units, grid(lambda m: sum(v.tokens for v in m)),
+                         grid(len), grid(lambda m: max((max(v.seqlens) for v in m), default=0)),
+                         cp=views, cp_gathered=grid(lambda m: sum(v.gathered for v in m)),
+                         cp_gathers=grid(lambda m: sum(1 for v in m if v.gathered)))
+
     def _entries(self, plans: PlanTable) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per step and rank: each micro-batch's signature id, and whether its forward runs
         again whatever the checkpointing (a ChunkFlow chunk whose activations were dropped)."""
+        if plans.entries is None and plans.cp is not None:
+            plans.entries = [[(np.array([self._sigs.setdefault(v.signature, len(self._sigs))
+                                         for v in mbs], int), np.zeros(len(mbs), bool))
+                              for mbs in ranks] for ranks in plans.cp]
         if plans.entries is None:
             out = []
             for ranks in plans.steps:
@@ -370,7 +397,10 @@ class StepPredictor:
         mbs = float(plans.micro_batches[steps, slow].mean())
         padded = float(plans.padded[steps, slow].mean())
         breakdown = {f: float(v) for f, v in zip(_FAMILIES, fam_s)} | {"optimizer": opt_s}
-        step = StepShape(compute_s, forward_s, mbs, padded, layers, ckpt, act_bytes)
+        gathered = float(plans.cp_gathered[steps, slow].mean()) if plans.cp is not None else 0.0
+        gathers = float(plans.cp_gathers[steps, slow].mean()) if plans.cp is not None else 0.0
+        step = StepShape(compute_s, forward_s, mbs, padded, layers, ckpt, act_bytes, gathered,
+                         gathers)
         if dev == "cuda":
             comm, sources = gpu_comm(self.models, self._alpha_beta, rc, dims, step)
         else:

@@ -32,6 +32,8 @@ class StepShape:
     layers: int  # on this pipeline stage
     ckpt: int  # checkpointed layers on this stage
     act_bytes: int
+    cp_gathered: float = 0.0  # sharded tokens whose keys and values the cp group gathers
+    cp_gathers: float = 0.0  # micro-batches that gather
 
     @property
     def per_micro_batch_s(self) -> float:
@@ -54,12 +56,14 @@ class Comm:
     bubble_s: float = 0.0
     dp_exposed_s: float = 0.0
     copies_s: float = 0.0  # FSDP's copies into and out of its collective buffers
+    cp_s: float = 0.0  # context parallelism's key/value gathers (and their reductions)
 
     def breakdown(self) -> dict[str, float]:
         """The parts the step waits for (they add up with compute to the step)."""
         out = {"comm_tp": self.tp_s, "comm_dp": self.dp_exposed_s, "comm_pp": self.pp_s,
                "bubble": self.bubble_s}
-        return out | ({"fsdp_copies": self.copies_s} if self.copies_s else {})
+        return (out | ({"comm_cp": self.cp_s} if self.cp_s else {})
+                | ({"fsdp_copies": self.copies_s} if self.copies_s else {}))
 
     @property
     def overlapped_s(self) -> float:
@@ -96,8 +100,9 @@ class Collectives:
 
 
 def mesh_groups(rc: RunConfig) -> dict[str, Group]:
-    """The tp, dp and pp groups as the trainer's (pp, dp, tp) mesh lays ranks on nodes:
-    tp innermost (consecutive ranks), then dp, then pp."""
+    """The tp, cp, data-parallel and pp groups as the trainer's (pp, dp, cp, tp) mesh lays
+    ranks on nodes: tp innermost (consecutive ranks), then cp, dp, pp. Gradients reduce over
+    dp x cp (``dp``): every rank of a cp group holds the same parameters."""
     p, per_node = rc.parallel, rc.workload.hardware.devices_per_node
 
     def group(size: int, stride: int) -> Group:
@@ -105,7 +110,21 @@ def mesh_groups(rc: RunConfig) -> dict[str, Group]:
             return Group(1, 1)
         return Group(size, max(1, min(size, per_node // stride)) if stride < per_node else 1)
 
-    return {"tp": group(p.tp, 1), "dp": group(p.dp, p.tp), "pp": group(p.pp, p.tp * p.dp)}
+    return {"tp": group(p.tp, 1), "cp": group(p.cp, p.tp), "dp": group(p.dp * p.cp, p.tp),
+            "pp": group(p.pp, p.tp * p.cp * p.dp)}
+
+
+def _cp_comm(seconds, rc: RunConfig, dims: ModelDims, st: StepShape, group: Group,  # noqa: ANN001
+             backward: str) -> float:
+    """The cp group's key/value all-gathers: one per layer and micro-batch that shards a
+    sequence, forward and again for a recomputed layer, and their gradients' reduction in
+    backward (``backward``: reduce_scatter, or all_reduce where the backend has none)."""
+    if group.ranks <= 1 or not st.cp_gathers:
+        return 0.0
+    per_call = st.cp_gathered / st.cp_gathers * 2 * dims.kv_width / rc.parallel.tp * st.act_bytes
+    gathers = st.cp_gathers * (st.layers + st.ckpt)
+    return (gathers * seconds("all_gather", per_call, group)
+            + st.cp_gathers * st.layers * seconds(backward, per_call, group))
 
 
 def measured_comm(alpha_beta: AlphaBeta, rc: RunConfig, dims: ModelDims, st: StepShape
@@ -123,20 +142,29 @@ def measured_comm(alpha_beta: AlphaBeta, rc: RunConfig, dims: ModelDims, st: Ste
     tp = tp_calls * a + padded * (4 * layers + 2 * ckpt) * dims.hidden * st.act_bytes * b
     shard_bytes = dims.total_params() // (p.tp * p.pp) * 4
     if p.zero_stage == 0:
-        a, b, sources["dp"] = alpha_beta("all_reduce", p.dp, dev)
+        a, b, sources["dp"] = alpha_beta("all_reduce", p.dp * p.cp, dev)
         dp = math.ceil(shard_bytes / _DDP_BUCKET_BYTES) * a + shard_bytes * b
     else:
         units = layers + 1  # one FSDP unit per block plus the root
         gathers = 1 if p.zero_stage < 3 else 2 * mbs
-        ag = alpha_beta("all_gather", p.dp, dev)
-        rs = alpha_beta("reduce_scatter", p.dp, dev)
+        ag = alpha_beta("all_gather", p.dp * p.cp, dev)
+        rs = alpha_beta("reduce_scatter", p.dp * p.cp, dev)
         sources["dp"] = ag[2]
         dp = (gathers * (units * ag[0] + shard_bytes * ag[1])
               + units * rs[0] + shard_bytes * rs[1])
     a, b, sources["pp"] = alpha_beta("send_recv", 2 if p.pp > 1 else 1, dev)
     pp = 2 * (mbs * a + padded * dims.hidden * st.act_bytes * b) if p.pp > 1 else 0.0
     bubble = st.compute_s * (p.pp - 1) / max(mbs, 1.0)
-    return Comm(tp, dp, pp, tp + dp + pp, bubble, dp), sources
+    groups = mesh_groups(rc)
+
+    def ab_seconds(collective: str, nbytes: float, group: Group) -> float:
+        a, b, _ = alpha_beta(collective, group.ranks, dev)
+        return a + nbytes * b
+
+    cp = _cp_comm(ab_seconds, rc, dims, st, groups["cp"], "all_reduce")
+    if cp:
+        sources["cp"] = alpha_beta("all_gather", p.cp, dev)[2]
+    return Comm(tp, dp, pp, tp + dp + pp + cp, bubble, dp, cp_s=cp), sources
 
 def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: ModelDims,
              st: StepShape) -> tuple[Comm, dict]:
@@ -151,7 +179,7 @@ def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: Mod
     p = rc.parallel
     prior = Collectives(models, alpha_beta, rc.workload.hardware.device)
     g = mesh_groups(rc)
-    sources = {k: prior.source(g[k]) for k in ("tp", "dp", "pp") if g[k].ranks > 1}
+    sources = {k: prior.source(g[k]) for k in ("tp", "cp", "dp", "pp") if g[k].ranks > 1}
     mbs, layers, ckpt = st.micro_batches, st.layers, st.ckpt
     mb_bytes = st.tokens_per_micro_batch * dims.hidden * st.act_bytes
     tp_call = prior.seconds("all_reduce", mb_bytes, g["tp"])
@@ -208,4 +236,5 @@ def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: Mod
                  + reductions * stage * (gather_bytes + 4))
         copies = float(models.op_prior.seconds(
             pd.DataFrame({"bytes": [moved]}), "copy")[0])
-    return Comm(tp, dp, pp, tp + exposed_dp + pp, bubble, exposed_dp, copies), sources
+    cp = _cp_comm(prior.seconds, rc, dims, st, g["cp"], "reduce_scatter")
+    return Comm(tp, dp, pp, tp + exposed_dp + pp + cp, bubble, exposed_dp, copies, cp), sources

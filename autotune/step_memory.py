@@ -43,7 +43,7 @@ def memory_units(rc: RunConfig, dims: ModelDims, plans: PlanTable, layers: int, 
     if p.zero_stage == 0:
         state, gathered = params * 4 * 4, 0.0
     else:
-        state = params * 4 * 4 / p.dp
+        state = params * 4 * 4 / (p.dp * p.cp)
         gathered = params * 4 if p.zero_stage < 3 else params * 4 * 2 / max(layers, 1)
     chunk = loss_chunk(rc)
     out = []
@@ -76,7 +76,8 @@ def gpu_memory_units(rc: RunConfig, dims: ModelDims, plans: PlanTable, layers: i
     logits), so the peak is the worse stage's."""
     p = rc.parallel
     tp, h = p.tp, dims.hidden
-    mode = "fp32" if rc.precision.dtype != "bf16" else ("mixed" if p.dp > 1 else "autocast")
+    replicas = p.dp * p.cp  # ranks holding the same parameters (cp ranks are replicas too)
+    mode = "fp32" if rc.precision.dtype != "bf16" else ("mixed" if replicas > 1 else "autocast")
     ch, cq, ckv, cf = _SAVED_PER_TOKEN[mode]
     per_token = ch * h + (cq * dims.q_width + ckv * dims.kv_width + cf * dims.ffn) / tp
     residual = 2 if mode == "mixed" else 4  # a checkpointed layer's saved input
@@ -89,18 +90,18 @@ def gpu_memory_units(rc: RunConfig, dims: ModelDims, plans: PlanTable, layers: i
     # (parameters this stage holds beyond its blocks, whether it computes the loss)
     stages = [(last, True)] if p.pp == 1 else [(embed, False), (last, True)]
     chunk = loss_chunk(rc)
-    sharded = p.zero_stage >= 1 and p.dp > 1
-    per_step = p.dp > 1 and p.reduce_per_step(rc.schedule.policy)
+    sharded = p.zero_stage >= 1 and replicas > 1
+    per_step = replicas > 1 and p.reduce_per_step(rc.schedule.policy)
     out = []
     for s, r, u in heaviest_steps(plans):
         act_t, pairs, widest, prefix, logit_t = u.T
         n_mb = float(plans.micro_batches[s, r])
         for extra, has_loss in stages:
             local = layers * block + extra
-            state = 16.0 * local / (p.dp if sharded else 1)
+            state = 16.0 * local / (replicas if sharded else 1)
             if mode == "autocast":  # bf16 copies of the weights, kept for backward
                 gathered = 2.0 * local
-            elif p.dp == 1:
+            elif replicas == 1:
                 gathered = 0.0
             elif p.zero_stage == 3:  # the root's parameters and one block in flight
                 gathered = compute_bytes * (extra + block)

@@ -3,6 +3,7 @@ rank, each unit of work reduced to the numbers pricing and memory counting read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from autotune.data.plan import ChunkGroup, StepPlan
 
-__all__ = ["PlanTable", "heaviest_steps", "unit_rows"]
+__all__ = ["CPMicroBatch", "PlanTable", "cp_micro_batches", "heaviest_steps", "unit_rows"]
 
 
 @dataclass
@@ -24,6 +25,9 @@ class PlanTable:
     micro_batches: np.ndarray  # [step, rank]
     longest: np.ndarray  # [step, rank] longest real segment
     entries: list | None = None  # [step][rank] -> (signature ids, forward-again flags)
+    cp: list | None = None  # [step][rank] -> the busiest cp rank's CPMicroBatch per micro-batch
+    cp_gathered: np.ndarray | None = None  # [step, rank] sharded tokens all-gathered
+    cp_gathers: np.ndarray | None = None  # [step, rank] micro-batches that gather
 
 
 def unit_rows(plan: StepPlan) -> np.ndarray:
@@ -51,3 +55,43 @@ def heaviest_steps(plans: PlanTable) -> Iterator[tuple[int, int, np.ndarray]]:
         s = max(range(len(plans.steps)), key=lambda i: (plans.longest[i, r], plans.padded[i, r]))
         if len(plans.units[s][r]):
             yield s, r, plans.units[s][r]
+
+
+@dataclass(frozen=True)
+class CPMicroBatch:
+    """A micro-batch under context parallelism, as its busiest rank runs it: its tokens,
+    its attention as causal segments (whole sequences, and per sharded sequence the length
+    whose causal pairs equal its query pieces' pairs against the whole sequence), and the
+    sharded tokens whose keys and values the group all-gathers."""
+
+    tokens: int
+    seqlens: tuple[int, ...]
+    pairs: float
+    gathered: int
+
+    @property
+    def signature(self) -> tuple[int, tuple[int, ...], int]:
+        return self.tokens, self.seqlens, 0
+
+
+def cp_micro_batches(plan: StepPlan, cp: int, placement: str, hidden: int,
+                     rank_tokens: int) -> list[CPMicroBatch]:
+    """Each micro-batch of ``plan`` placed over ``cp`` ranks
+    (``autotune.data.context_parallel.place``), seen from its busiest rank."""
+    from autotune.data.context_parallel import place
+
+    out = []
+    for mb in plan.micro_batches():
+        shares = place(mb, cp, placement, hidden=hidden, rank_tokens=rank_tokens)
+        gathered = sum(sh.segment.length for sh in shares[0].sharded)
+        views = []
+        for r, share in enumerate(shares):
+            seqlens = [s.length for s in share.local]
+            pairs = sum(n * (n + 1) / 2 for n in seqlens)
+            for sh in share.sharded:
+                p = sum((b * (b + 1) - a * (a + 1)) / 2 for a, b in sh.held(r, cp))
+                pairs += p
+                seqlens.append(max(1, round((math.sqrt(1 + 8 * p) - 1) / 2)))
+            views.append(CPMicroBatch(share.tokens(r, cp), tuple(seqlens), pairs, gathered))
+        out.append(max(views, key=lambda v: (v.tokens + v.pairs / (6 * hidden), v.pairs)))
+    return out

@@ -195,6 +195,8 @@ class RunConfig(BaseModel):
             parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero_stage}")
             if p.pp > 1:
                 parts.append(p.pp_schedule)
+            if p.cp > 1:
+                parts.append(f"cp{p.cp}-{s.cp_placement}")
             if p.grad_reduce != "auto":
                 parts.append(f"gr-{p.grad_reduce}")
         if self.checkpointing.policy != "none":

@@ -95,7 +95,9 @@ class SearchSpace(BaseModel):
     # Parallel degrees to try; None: every degree the device count and the model allow.
     tp: list[PositiveInt] | None = None
     pp: list[PositiveInt] | None = None
-    cp: list[PositiveInt] | None = None
+    # Context parallelism is opt-in: it pays only for long sequences (the GPU default space
+    # adds it past 32K tokens); None: every degree the device count allows.
+    cp: list[PositiveInt] | None = [1]
 
     @classmethod
     def default_for(cls, workload: Workload, *, longest: int | None = None) -> SearchSpace:
@@ -107,14 +109,20 @@ class SearchSpace(BaseModel):
         longest sequence and what one device's memory can hold at full checkpointing; tp
         over the divisors of a node's devices, pp over the divisors of the node count;
         no/selective/full checkpointing; the fused loss; per-block compile; FlashAttention
-        varlen."""
+        varlen; context parallelism (2, 4, 8 within a node) for sequences past 32K tokens or
+        more than one device holds."""
         if workload.hardware.device != "cuda":
             return cls()
         dims = workload.model.resolve()
         hw = workload.hardware
         longest = longest or workload.data.max_len
-        top = min(_pow2_at_least(longest), _tokens_memory_allows(workload),
+        one_device = _tokens_memory_allows(workload)
+        top = min(_pow2_at_least(longest), one_device,
                   _pow2_at_least(workload.budget.global_batch_tokens))
+        # Context parallelism where one device cannot hold the longest sequence whole, or
+        # where it is long enough (past 32K) for its attention to dominate a device's step
+        cps = [1] + ([c for c in (2, 4, 8) if c <= hw.devices_per_node]
+                     if longest > min(one_device, 32768) else [])
         tokens = [t for t in _powers_of_two(1024, max(top, 1024))]
         chunks = [t for t in tokens if t < longest] or tokens[:1]
         return cls(
@@ -124,7 +132,7 @@ class SearchSpace(BaseModel):
             checkpointing=["none", "selective", "full"], attention=["varlen"],
             loss=["full", "fused"], norm=["torch"], dtype=["bf16"], compile=["none", "blocks"],
             tp=tp_degrees(workload),
-            pp=[d for d in _divisors(hw.nodes) if dims.layers % d == 0], cp=[1])
+            pp=[d for d in _divisors(hw.nodes) if dims.layers % d == 0], cp=cps)
 
     def parallel_layouts(self, workload: Workload) -> list[tuple[int, int, int, int]]:
         """(dp, tp, pp, cp) for the workload's devices, filtered by the shape rules."""
@@ -146,7 +154,7 @@ class SearchSpace(BaseModel):
         for k in ("tp", "pp", "cp"):
             if getattr(self, k) is not None:
                 checks[k] = getattr(rc.parallel, k)
-        if rc.parallel.dp > 1:  # the stage shards over data-parallel ranks only
+        if rc.parallel.dp * rc.parallel.cp > 1:  # the stage shards over dp x cp ranks only
             checks["zero_stage"] = rc.parallel.zero_stage
         out = [f"{k}={v!r} is not among the choices {getattr(self, k)}"
                for k, v in checks.items() if v not in getattr(self, k)]
@@ -164,7 +172,7 @@ class SearchSpace(BaseModel):
                 for layout in self.parallel_layouts(workload):
                     # Without data parallelism there is nothing to shard: every stage is
                     # the same run, spelled once as stage 0.
-                    zeros = self.zero_stage if layout[0] > 1 else [0]
+                    zeros = self.zero_stage if layout[0] * layout[3] > 1 else [0]
                     for zero, ckpt, attn, loss, norm, dtype, comp in itertools.product(
                             zeros, self.checkpointing, self.attention, self.loss, self.norm,
                             self.dtype, self.compile):
@@ -187,7 +195,7 @@ class SearchSpace(BaseModel):
         keep = self._policy_knobs(rc.schedule.policy)
         ignored = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS if k not in keep}
         update = {"schedule": rc.schedule.model_copy(update=ignored)}
-        if rc.parallel.dp == 1:
+        if rc.parallel.dp * rc.parallel.cp == 1:
             update["parallel"] = rc.parallel.model_copy(update={"zero_stage": 0})
         return rc.model_copy(update=update)
 

@@ -52,8 +52,12 @@ def live_knobs(rc: RunConfig) -> dict[str, Any]:
         knobs |= {"schedule.chunk_size": s.chunk_size, "schedule.chunkflow_k": s.chunkflow_k}
     knobs["workload.budget.global_batch_tokens"] = rc.workload.budget.global_batch_tokens
     knobs |= {f"parallel.{d}": getattr(p, d) for d in ("dp", "tp", "pp", "cp")}
+    if p.cp > 1:
+        knobs["schedule.cp_placement"] = s.cp_placement
     if p.dp > 1:
-        knobs |= {"schedule.rank_split": s.rank_split, "parallel.zero_stage": p.zero_stage}
+        knobs["schedule.rank_split"] = s.rank_split
+    if p.dp * p.cp > 1:  # ZeRO shards, and gradients reduce, over dp x cp
+        knobs["parallel.zero_stage"] = p.zero_stage
         if p.grad_reduce != "auto":  # auto is what trainers do by default
             knobs["parallel.grad_reduce"] = p.grad_reduce
     if p.pp > 1:

@@ -343,8 +343,8 @@ def _accelerate_parallelism(d: _Draft, cfg: dict[str, Any], procs: int) -> int:
                                            "cp_size"))
     _check_keys(d, pc, "parallelism_config.", read=known, passive=frozenset())
     if (_number(d, pc, prefix + "cp_size") or 1) > 1:
-        raise d.fail("parallelism_config.cp_size", "context parallelism is not implemented "
-                     "by autotune's trainer")
+        raise d.fail("parallelism_config.cp_size", "context parallelism is not read from "
+                     "Accelerate configs yet; set parallel.cp in the RunConfig")
     tp = _number(d, pc, prefix + "tp_size") or 1
     dp = (_number(d, pc, prefix + "dp_replicate_size") or 1) * (
         _number(d, pc, prefix + "dp_shard_size") or procs // tp)

@@ -70,6 +70,10 @@ class Megatron(Exporter):
             "--reset-position-ids", "--reset-attention-mask",
         ]
         m.carry("parallel.dp", "parallel.tp", "parallel.pp", "parallel.cp")
+        if p.cp > 1:
+            m.substitute("schedule.cp_placement", "every sample sharded across the cp ranks",
+                         "Megatron's context parallelism splits every sample; it has no "
+                         "per-sequence placement (DACP)")
         args += self._parallel(rc, m) + self._recompute(rc, facts, m) + self._optimizer(rc, m)
         if rc.precision.dtype == "bf16":
             args.append("--bf16")

@@ -133,6 +133,10 @@ class Torchtitan(Exporter):
         # keep parameters gathered until backward, 3 reshards them after forward.
         sharded = p.zero_stage > 0
         m.carry("parallel.dp", "parallel.tp", "parallel.pp", "parallel.cp", "parallel.zero_stage")
+        if p.cp > 1:
+            m.substitute("schedule.cp_placement", "every window sharded across the cp ranks",
+                         "torchtitan's context parallelism splits every batch along the "
+                         "sequence; it has no per-sequence placement (DACP)")
         m.substitute("schedule.rank_split", "torchtitan's data-parallel sampler",
                      "torchtitan's loader gives each rank its own slice in arrival order")
         return {"data_parallel_replicate_degree": 1 if sharded else p.dp,

@@ -131,3 +131,28 @@ def test_bad_inputs_name_the_problem(schedule: dict, expect: str) -> None:
            "schedule": schedule}
     with pytest.raises(ValueError, match=expect):
         RunConfig.model_validate(cfg)
+
+
+def test_the_step_model_prices_the_busiest_rank_and_the_gathers() -> None:
+    from autotune.predict import StepPredictor
+    from cost_models.bundle import StepModels
+    from cost_models.features import Ceilings
+
+    def rc(parallel: dict, placement: str = "dacp") -> RunConfig:
+        world = parallel.get("dp", 1) * parallel.get("cp", 1)
+        return RunConfig.model_validate({
+            "workload": {"model": {"preset": "llama-tiny"},
+                         "data": {"preset": "fixed", "max_len": 4096, "num_sequences": 64},
+                         "hardware": {"devices_per_node": world},
+                         "budget": {"global_batch_tokens": 8192}},
+            "schedule": {"policy": "pack", "micro_batch_tokens": 4096, "cp_placement": placement},
+            "parallel": parallel})
+
+    models = StepModels("fp", "cpu", Ceilings({"fp32": 1e10, "bf16": 1e10}, 1e10))
+    rows = StepPredictor(models).predict_many([rc({"dp": 2}), rc({"cp": 2}, "all")])
+    dp, cp = rows.iloc[0], rows.iloc[1]
+    # by hand: every 4096-token sequence is sharded, so each cp rank runs half of each; dp=2
+    # runs one whole sequence per rank: the same tokens and (balanced) attention per rank
+    assert cp.breakdown["gemm"] == pytest.approx(dp.breakdown["gemm"], rel=1e-6)
+    assert cp.breakdown["attention"] == pytest.approx(dp.breakdown["attention"], rel=0.01)
+    assert cp.breakdown["comm_cp"] > 0 and "comm_cp" not in dp.breakdown

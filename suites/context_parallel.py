@@ -28,24 +28,24 @@ import numpy as np
 import pandas as pd
 
 from autotune.config import RunConfig
-from autotune.data.sequences import longsft_lengths
 from profilers.store import atomic_write_text
 from suites._report import host_line, md_table
 from suites.scheduling import _measure_rows
 
 MODEL = {"preset": "llama-tiny"}
-RANK_TOKENS = 2048  # one rank's micro-batch budget under cp (a cp micro-batch holds twice)
+RANK_TOKENS = 4096  # one rank's micro-batch budget under cp (a cp micro-batch holds twice)
 
 
 def long_tail(folder: Path, n: int = 1200, seed: int = 0) -> tuple[Path, int, int]:
-    """The longsft shape up to 1K tokens, and 2% of sequences 16x its median long."""
+    """Log-normal lengths around a median of 256 tokens (16 to 2K), and 2% of sequences 16x
+    the median long."""
     rng = np.random.default_rng(seed)
-    short = longsft_lengths(n, 1024, rng)
+    short = np.clip(np.rint(rng.lognormal(np.log(256), 0.8, n)), 16, 2048).astype(np.int64)
     median = int(np.median(short))
     lengths = np.concatenate([short, np.full(n // 50, 16 * median)])
     path = folder / "long_tail.npy"
     np.save(path, rng.permutation(lengths).astype(np.int64))
-    return path, median, 16 * median
+    return path, int(np.median(lengths)), 16 * median
 
 
 def contenders(data: Path, longest: int) -> dict[str, RunConfig]:
@@ -53,11 +53,11 @@ def contenders(data: Path, longest: int) -> dict[str, RunConfig]:
         return RunConfig.model_validate({
             "workload": {"model": MODEL, "data": {"path": str(data)},
                          "hardware": {"devices_per_node": 2},
-                         "budget": {"global_batch_tokens": 16384}},
+                         "budget": {"global_batch_tokens": 32768}},
             "schedule": {"policy": "pack", **schedule}, "parallel": parallel})
 
     return {
-        "dp2": rc({"dp": 2}, micro_batch_tokens=max(2 * RANK_TOKENS, longest)),
+        "dp2": rc({"dp": 2}, micro_batch_tokens=max(2 * RANK_TOKENS, longest)),  # longest whole
         "cp2-all": rc({"cp": 2}, micro_batch_tokens=RANK_TOKENS, cp_placement="all"),
         "cp2-dacp": rc({"cp": 2}, micro_batch_tokens=RANK_TOKENS, cp_placement="dacp"),
     }
@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "# Context parallelism: DACP against all-sharded and data parallelism", "",
         f"CPU figures ({host_line()}), 2 ranks (gloo), measured with `python -m "
         f"suites.context_parallel --repeats {args.repeats} --steps {args.steps} --warmup "
-        f"{args.warmup}`. llama-tiny, float32, 16,384 real tokens per step; lengths: the "
-        f"longsft shape up to 1K tokens (median {median}) and 2% of sequences {longest} "
-        f"tokens long (16x the median). Contenders interleaved round-robin.", "",
+        f"{args.warmup}`. llama-tiny, float32, 32,768 real tokens per step; lengths log-normal "
+        f"(median {median} tokens, 16 to 2K) and 2% of sequences {longest} tokens long (16x "
+        f"the median). dp=2 packs micro-batches of up to {2 * RANK_TOKENS:,} tokens per rank; "
+        f"cp=2 micro-batches of up to {2 * RANK_TOKENS:,} over the pair ({RANK_TOKENS:,} per "
+        f"rank). Contenders interleaved round-robin.", "",
         "## Effective tokens/s", "",
         md_table(table, fmt), "",
         f"- DACP against all-sharded: {table.loc['cp2-dacp', 'vs_cp2-all']:.2f}x (target >= 1.2x)",

@@ -37,8 +37,8 @@ __all__ = ["CPLayout", "cp_attention", "materialize_share"]
 class CPLayout:
     """Where a rank's tokens sit: ``local`` whole-sequence tokens first (their segments), then
     ``block`` tokens of sharded pieces, padded to ``width`` (the group's longest block) for
-    the all-gather; per sharded sequence, the block rows of this rank's queries, their
-    positions, and the rows of the gathered buffer holding the sequence's keys in order."""
+    the all-gather; per sharded sequence, this rank's pieces and the rows of the gathered
+    buffer holding the sequence's keys in order."""
 
     group: object
     cp: int
@@ -46,7 +46,9 @@ class CPLayout:
     local_segments: Segments | None
     block: int
     width: int
-    queries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows, positions, key rows)
+    # per sharded sequence: this rank's pieces (block rows r0:r1, sequence tokens start:end)
+    # and the gathered rows holding the sequence's keys in order
+    queries: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
 
 
 class _GatherKV(torch.autograd.Function):
@@ -77,7 +79,7 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: CPLa
                  impl: str) -> torch.Tensor:
     """Attention of a rank's tokens: its own sequences by ``impl``, its pieces of sharded
     sequences against their whole (gathered) keys and values."""
-    from kernels.attention import attention
+    from kernels.attention import attention, prefix_causal_attention
 
     a = layout.local
     outs = []
@@ -89,13 +91,18 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: CPLa
             kv = F.pad(kv, (0, 0, 0, 0, 0, 0, 0, layout.width - layout.block))
         gathered = _GatherKV.apply(kv, layout.group, layout.cp)  # (cp x width, 2, Hkv, D)
         qs = q[a:]
-        for rows, pos, keys in layout.queries:  # a sequence's query rows are contiguous
-            kf, vf = gathered[keys, 0], gathered[keys, 1]  # (L, Hkv, D)
-            mask = pos[:, None] >= torch.arange(kf.shape[0], device=pos.device)[None, :]
-            o = F.scaled_dot_product_attention(
-                qs[rows].transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
-                attn_mask=mask, enable_gqa=True)
-            outs.append(o.transpose(0, 1))
+        for pieces, keys in layout.queries:
+            kf, vf = gathered[keys, 0], gathered[keys, 1]  # the whole sequence (L, Hkv, D)
+            for r0, r1, start, end in pieces:
+                # a piece sees every key before it and its own causally: ChunkFlow's
+                # prefix attention, which never materializes the score matrix
+                if start == 0:
+                    outs.append(attention(qs[r0:r1], kf[:end], vf[:end],
+                                          Segments((0, end), device=q.device), impl=impl))
+                else:
+                    outs.append(prefix_causal_attention(
+                        qs[r0:r1], kf[:start], vf[:start], kf[start:end], vf[start:end],
+                        impl=impl))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -122,7 +129,7 @@ def materialize_share(share: CPShare, seqs: SequenceSet, batch_ids: np.ndarray,
     for sh in share.sharded:
         x = seqs.seq(int(batch_ids[sh.segment.seq]))
         length = sh.segment.length
-        rows, keys = [], np.empty(length, np.int64)
+        mine, keys = [], np.empty(length, np.int64)
         for r in range(cp):
             off = offsets[r]
             for a, b in sh.held(r, cp):
@@ -135,18 +142,16 @@ def materialize_share(share: CPShare, seqs: SequenceSet, batch_ids: np.ndarray,
                     lab[:max(0, stop - a)] = x[a + 1:stop + 1]
                     labels.append(lab)
                     pos.append(np.arange(a, b))
-                    rows.append(np.arange(at, at + b - a))
+                    mine.append((at, at + b - a, a, b))
                     at += b - a
             offsets[r] = off
-        own = np.concatenate(rows)
-        queries.append((own, np.concatenate(pos[-2:]), keys))
+        queries.append((mine, keys))
     tokens = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     buf = np.concatenate([tokens, np.concatenate(labels), np.concatenate(pos), np.array(cu)]).astype(np.int64)
     dev = to_device(buf, device)
     n = len(tokens)
     segs = Segments(tuple(cu), device=device, cu_q_dev=dev[3 * n:]) if local else None
     layout = CPLayout(group, cp, local, segs, at, width,
-                      [(torch.as_tensor(r, device=device), torch.as_tensor(p, device=device),
-                        torch.as_tensor(k, device=device)) for r, p, k in queries])
+                      [(mine, torch.as_tensor(k, device=device)) for mine, k in queries])
     return PackedBatch(dev[:n], dev[n:2 * n], dev[2 * n:3 * n],
                        segs if segs is not None else Segments((0, 0), device=device), cp=layout)

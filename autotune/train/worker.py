@@ -102,7 +102,7 @@ def _imbalance(ctx: ParallelContext, per_rank: list[list[float]], rc: RunConfig
     for s in range(steps):
         replica = np.zeros(p.dp)
         for rank, times in enumerate(per_rank):
-            dp_rank = (rank // p.tp) % p.dp  # mesh order (pp, dp, tp)
+            dp_rank = (rank // (p.tp * p.cp)) % p.dp  # mesh order (pp, dp, cp, tp)
             replica[dp_rank] = max(replica[dp_rank], times[s])
         ratios.append(replica.max() / replica.mean())
         replica_means += replica / steps

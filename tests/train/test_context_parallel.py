@@ -45,6 +45,8 @@ CASES = {
     "cp2-all": ({"cp": 2}, "all", 250),
     "cp2-none": ({"cp": 2}, "none", 128),
     "dp2-cp2-dacp": ({"dp": 2, "cp": 2, "zero_stage": 3}, "dacp", 250),
+    "dp2-cp2-all": ({"dp": 2, "cp": 2}, "all", 250),
+    "dp2-cp2-none": ({"dp": 2, "cp": 2, "zero_stage": 2}, "none", 128),
 }
 
 

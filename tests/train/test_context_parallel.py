@@ -50,7 +50,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# make test runs every placement on 2 ranks and DACP on 4; the rest run with -m slow
+_SLOW = {"dp2-cp2-all", "dp2-cp2-none"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW else c
+                                  for c in CASES])
 def test_context_parallel_matches_single_process(case: str, tmp_path) -> None:  # noqa: ANN001
     parallel, placement, longest = CASES[case]
     cfg = _config(tmp_path, parallel, placement, longest)

@@ -52,11 +52,15 @@ class Comm:
     tp_s: float = 0.0
     dp_s: float = 0.0
     pp_s: float = 0.0
-    exposed_s: float = 0.0
     bubble_s: float = 0.0
     dp_exposed_s: float = 0.0
     copies_s: float = 0.0  # FSDP's copies into and out of its collective buffers
     cp_s: float = 0.0  # context parallelism's key/value gathers (and their reductions)
+
+    @property
+    def exposed_s(self) -> float:
+        """Communication the step waits for."""
+        return self.tp_s + self.dp_exposed_s + self.pp_s + self.cp_s
 
     def breakdown(self) -> dict[str, float]:
         """The parts the step waits for (they add up with compute to the step)."""
@@ -164,7 +168,7 @@ def measured_comm(alpha_beta: AlphaBeta, rc: RunConfig, dims: ModelDims, st: Ste
     cp = _cp_comm(ab_seconds, rc, dims, st, groups["cp"], "all_reduce")
     if cp:
         sources["cp"] = alpha_beta("all_gather", p.cp, dev)[2]
-    return Comm(tp, dp, pp, tp + dp + pp + cp, bubble, dp, cp_s=cp), sources
+    return Comm(tp, dp, pp, bubble, dp, cp_s=cp), sources
 
 def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: ModelDims,
              st: StepShape) -> tuple[Comm, dict]:
@@ -237,4 +241,4 @@ def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: Mod
         copies = float(models.op_prior.seconds(
             pd.DataFrame({"bytes": [moved]}), "copy")[0])
     cp = _cp_comm(prior.seconds, rc, dims, st, g["cp"], "reduce_scatter")
-    return Comm(tp, dp, pp, tp + exposed_dp + pp + cp, bubble, exposed_dp, copies, cp), sources
+    return Comm(tp, dp, pp, bubble, exposed_dp, copies, cp), sources

@@ -99,6 +99,7 @@ class OpPrior:
     launch_s: float
     launch_source: str
     attention: pd.DataFrame  # kernel, pass, causal, head_dim, seqlen, tflops, source
+    attention_fit: _Fit  # the attention figures' spread and where they came from
     power: _Fit | None = None  # time multiplier of compute-bound kernels under a power limit
     power_memory: _Fit | None = None  # and of memory-bound ones
     quantile: str = "mid"
@@ -130,11 +131,8 @@ class OpPrior:
         """One GEMM of output m x n reducing over k."""
         fit = self.gemm[dtype]
         m, n, k = (np.asarray(a, float) for a in (m, n, k))
-        tiles = np.ceil(m / TILE) * np.ceil(n / TILE)
-        occupancy = tiles / (np.ceil(tiles / self.sms) * self.sms)
-        compute = 2 * m * n * k / (self.peak[dtype] * fit.value * occupancy)
-        e = 2 if dtype == "bf16" else 4
-        memory = (m * k + k * n + m * n) * e / self.hbm_bytes_per_s
+        compute = 2 * m * n * k / (self.peak[dtype] * fit.value * _occupancy(m, n, self.sms))
+        memory = _gemm_bytes(m, n, k, dtype) / self.hbm_bytes_per_s
         return np.maximum(compute, memory) * self._mult(fit) + self.launch_s
 
     def _linear(self, m: np.ndarray, k: np.ndarray, n: np.ndarray, dtype: str, bwd: np.ndarray
@@ -208,7 +206,8 @@ class OpPrior:
         if kernel not in set(self.attention.kernel):
             kernel = "fa2"
         out = np.zeros(len(rows))
-        fit = self.bandwidth["attention"]  # the spread of the attention figures
+        fit = self.attention_fit
+        passes = rows["pass"].to_numpy()
         for i, r in enumerate(rows.itertuples(index=False)):
             seqlens = np.asarray(r.seqlens, float)
             prefix = float(r.prefix) if "prefix" in rows and not pd.isna(r.prefix) else 0.0
@@ -216,13 +215,13 @@ class OpPrior:
             pairs = seqlens * (seqlens + 1) / 2
             if prefix:
                 pairs[0] += prefix * seqlens[0]
-            scale = 2.5 if r[rows.columns.get_loc("pass")] == "bwd" else 1.0
+            scale = 2.5 if passes[i] == "bwd" else 1.0
             flops = 4.0 * pairs * r.heads * r.head_dim * scale
             if kernel == "eager":
                 # scores materialized: two GEMMs and a softmax over them per head
                 rate = self.peak[r.dtype] * self.gemm[r.dtype].value
             else:
-                rate = self.attention_tflops(kernel, r[rows.columns.get_loc("pass")], r.head_dim,
+                rate = self.attention_tflops(kernel, passes[i], r.head_dim,
                                              seqlens + prefix * (np.arange(len(seqlens)) == 0))
             out[i] = float((flops / rate).sum()) * self._mult(fit) + self.launch_s
         return out
@@ -231,10 +230,10 @@ class OpPrior:
         out = {f"gpu_prior.gemm.{dt}": f"efficiency {f.value:.3f} of {self.peak[dt] / 1e12:.0f} "
                f"TFLOP/s, {f.source}" for dt, f in self.gemm.items()}
         out |= {f"gpu_prior.{c}": f"{f.value:.3f} of {self.hbm_bytes_per_s / 1e9:.0f} GB/s, {f.source}"
-                for c, f in self.bandwidth.items() if c != "attention"}
+                for c, f in self.bandwidth.items()}
         kernels = sorted(set(self.attention.kernel))
         out["gpu_prior.attention"] = (f"{', '.join(kernels)} throughput tables "
-                                      f"({self.bandwidth['attention'].source})")
+                                      f"({self.attention_fit.source})")
         out["gpu_prior.launch"] = f"{self.launch_s * 1e6:.1f} us per kernel, {self.launch_source}"
         if self.power is not None:
             out["gpu_prior.power_limit"] = (f"compute-bound kernels x{self.power.value:.2f}, "
@@ -262,6 +261,17 @@ def _read_curve(prior: OpPrior, kernel: str, p: str, head_dim: int) -> tuple[np.
     return np.log2(rows.index.to_numpy(float)), rows.to_numpy(float)
 
 
+def _occupancy(m: np.ndarray, n: np.ndarray, sms: int) -> np.ndarray:
+    """The busy share of the SMs over a GEMM's waves of 128 x 128 output tiles."""
+    tiles = np.ceil(m / TILE) * np.ceil(n / TILE)
+    return tiles / (np.ceil(tiles / sms) * sms)
+
+
+def _gemm_bytes(m: np.ndarray, n: np.ndarray, k: np.ndarray, dtype: str) -> np.ndarray:
+    """Operands read and the result written once."""
+    return (m * k + k * n + m * n) * (2 if dtype == "bf16" else 4)
+
+
 def _sources(frame: pd.DataFrame) -> str:
     return ", ".join(sorted(set(frame.source.astype(str)))) if "source" in frame else ""
 
@@ -274,10 +284,8 @@ def _fit_gemm(device: str, dtype: str, sms: int, peak: float, hbm: float) -> _Fi
         raise KeyError(f"no cited {dtype} GEMM figures for {device}")
     m, n, k = (pts[c].to_numpy(float) for c in ("m", "n", "k"))
     measured = 2 * m * n * k / (pts.tflops.to_numpy(float) * 1e12)
-    tiles = np.ceil(m / TILE) * np.ceil(n / TILE)
-    occ = tiles / (np.ceil(tiles / sms) * sms)
-    e_bytes = 2 if dtype == "bf16" else 4
-    mem = (m * k + k * n + m * n) * e_bytes / hbm
+    occ = _occupancy(m, n, sms)
+    mem = _gemm_bytes(m, n, k, dtype) / hbm
     # Training operands are random-like, and a GPU at its power limit runs random data
     # slower than predictable data (thonking_matmul_power): the efficiency's level comes
     # from random-data figures where the device has any; every figure shapes the spread.
@@ -403,7 +411,6 @@ def _build(name: str) -> OpPrior:
     bw = {c: _fit_bandwidth(name, c, hbm_by_device)
           for c in ("rms_norm", "elementwise", "cross_entropy", "adamw")}
     att, how = _attention_table(name, peak["bf16"])
-    bw["attention"] = _attention_spread(att, how)
     over = _table("overhead.csv")
     floor = over[over.what == "launch_floor"] if len(over) else over
     own = floor[floor.device == name] if len(floor) else floor
@@ -415,7 +422,7 @@ def _build(name: str) -> OpPrior:
                   else f"no {name} figure; median of {others}: {_sources(floor)}")
     power = _power_limit(devices.loc[name])
     return OpPrior(row.name, peak, hbm, sms, gemm, bw, launch, launch_src, att.reset_index(drop=True),
-                   *(power or (None, None)))
+                   _attention_spread(len(att), how), *(power or (None, None)))
 
 
 def _power_limit(dev: pd.Series) -> tuple[_Fit, _Fit] | None:
@@ -442,14 +449,14 @@ def _power_limit(dev: pd.Series) -> tuple[_Fit, _Fit] | None:
     return out[0], out[1]
 
 
-def _attention_spread(att: pd.DataFrame, how: str) -> _Fit:
+def _attention_spread(points: int, how: str) -> _Fit:
     """The attention figures' own spread: where several sources give one setting, how far
     apart they are (ratios to the setting's median)."""
     t = _table("attention.csv")
     t = t[(t.causal == 1)]
     med = t.groupby(["device", "kernel", "pass", "head_dim", "seqlen"]).tflops.transform("median")
     lo, hi = _spread((med / t.tflops).to_numpy(float))
-    return _Fit(1.0, lo, hi, len(att), how)
+    return _Fit(1.0, lo, hi, points, how)
 
 
 # ---- collectives --------------------------------------------------------------------------

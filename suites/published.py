@@ -25,7 +25,6 @@ import pandas as pd
 from pydantic import ValidationError
 
 from autotune.config import RunConfig
-from autotune.config._runconfig import rule_violations
 from autotune.predict import StepPredictor, datasheet_models
 from profilers.store import atomic_write_bytes, atomic_write_text
 from suites._report import md_table
@@ -79,38 +78,28 @@ def runconfig(row: pd.Series) -> tuple[RunConfig | None, str]:
         ffn = ffn * 2 // 3
     zero = 3 if _int(row.dp_shard, 0) > 1 else (1 if dp > 1 else 0)
     device = _DEVICES.get(row.device, row.device)
-    try:
-        rc = _build(row, device, seq, global_seqs, local, ffn, gpus, per_node, dp, tp, pp, zero,
-                    checkpointing)
+    try:  # the rules run on validation
+        rc = RunConfig.model_validate({
+            "workload": {
+                "model": {"layers": int(row.layers), "hidden": int(row.hidden), "heads": int(row.heads),
+                          "kv_heads": int(row.kv_heads), "ffn": ffn, "vocab": int(row.vocab),
+                          "max_seq_len": max(seq, 16384)},
+                "data": {"preset": "fixed", "max_len": seq, "num_sequences": global_seqs * (_STEPS + 2)},
+                "hardware": {"device": "cuda", "device_name": device, "devices_per_node": per_node,
+                             "nodes": max(1, gpus // per_node)},
+                "budget": {"global_batch_tokens": global_seqs * seq, "memory_cap_gb": 141},
+            },
+            "schedule": {"policy": "pack", "micro_batch_tokens": int(round(local * seq)),
+                         "chunk_size": seq},
+            "parallel": {"dp": dp, "tp": tp, "pp": pp, "zero_stage": zero},
+            "checkpointing": checkpointing,
+            "precision": {"dtype": "bf16"},
+            "kernels": {"attention": "sdpa"},
+            "compile": "blocks" if _flag(row.compile) else "none",
+        })
     except ValidationError as exc:
         return None, exc.errors()[0]["msg"]
-    problems = rule_violations(rc)
-    if problems:
-        return None, problems[0]
     return rc, "GELU MLP priced as SwiGLU of equal parameters" if gelu else ""
-
-
-def _build(row: pd.Series, device: str, seq: int, global_seqs: int, local: float, ffn: int,
-           gpus: int, per_node: int, dp: int, tp: int, pp: int, zero: int,
-           checkpointing: dict) -> RunConfig:
-    return RunConfig.model_validate({
-        "workload": {
-            "model": {"layers": int(row.layers), "hidden": int(row.hidden), "heads": int(row.heads),
-                      "kv_heads": int(row.kv_heads), "ffn": ffn, "vocab": int(row.vocab),
-                      "max_seq_len": max(seq, 16384)},
-            "data": {"preset": "fixed", "max_len": seq, "num_sequences": global_seqs * (_STEPS + 2)},
-            "hardware": {"device": "cuda", "device_name": device, "devices_per_node": per_node,
-                         "nodes": max(1, gpus // per_node)},
-            "budget": {"global_batch_tokens": global_seqs * seq, "memory_cap_gb": 141},
-        },
-        "schedule": {"policy": "pack", "micro_batch_tokens": int(round(local * seq)),
-                     "chunk_size": seq},
-        "parallel": {"dp": dp, "tp": tp, "pp": pp, "zero_stage": zero},
-        "checkpointing": checkpointing,
-        "precision": {"dtype": "bf16"},
-        "kernels": {"attention": "sdpa"},
-        "compile": "blocks" if _flag(row.compile) else "none",
-    })
 
 
 def evaluate(table: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from autotune.config import ModelDims, RunConfig
 from autotune.data import load_lengths, timed_plans
+from autotune.data.context_parallel import Placer
 from autotune.data.plan import ChunkGroup
 from autotune.errors import UserError
 from autotune.step_comm import StepShape, gpu_comm, measured_comm
@@ -182,9 +183,8 @@ class StepPredictor:
     def _cp_table(rc: RunConfig, dims: ModelDims, steps: list, real: np.ndarray) -> PlanTable:
         """The table of a context-parallel config: every micro-batch as its busiest rank of
         the cp group runs it (its share of tokens and attention pairs)."""
-        s = rc.schedule
-        views = [[cp_micro_batches(p, rc.parallel.cp, s.cp_placement, dims.hidden,
-                                   s.micro_batch_tokens) for p in ranks] for ranks in steps]
+        placer = Placer.of(rc, dims)
+        views = [[cp_micro_batches(p, placer) for p in ranks] for ranks in steps]
         # the gathered keys and values stand where ChunkFlow's carried state does
         units = [[np.array([(v.tokens, v.pairs, v.tokens, v.gathered, v.tokens) for v in mbs],
                            dtype=float).reshape(-1, 5) for mbs in ranks] for ranks in views]
@@ -476,6 +476,14 @@ class StepPredictor:
                               m.residual.n_measurements, m.memory.n_measurements,
                               float(row["overlapped_s"]), self.spread(rc))
 
+    def repriced(self, models: StepModels) -> StepPredictor:
+        """A predictor pricing with ``models`` that shares this one's data, plans and op
+        signatures, which do not depend on the prices."""
+        other = StepPredictor(models, warmup=self.warmup, steps=self.steps)
+        other._data, other._plans, other._sigs, other._rows = (self._data, self._plans,
+                                                               self._sigs, self._rows)
+        return other
+
     def spread(self, rc: RunConfig) -> dict[str, float]:
         """Step time and tokens/s at the ends of the GPU prior's spread (its cited figures'
         10th and 90th percentiles around each fit), where the prior prices the config."""
@@ -488,11 +496,7 @@ class StepPredictor:
         for q in ("low", "high"):
             alt = replace(m, op_prior=m.op_prior.at(q),
                           collective_prior=m.collective_prior.at(q) if m.collective_prior else None)
-            other = StepPredictor(alt, warmup=self.warmup, steps=self.steps)
-            # the plans and signatures do not depend on the prices
-            other._data, other._plans, other._sigs, other._rows = (self._data, self._plans,
-                                                                   self._sigs, self._rows)
-            row = other.predict_many([rc]).iloc[0]
+            row = self.repriced(alt).predict_many([rc]).iloc[0]
             out[f"step_time_s_{q}"] = float(row["step_time_s"])
         out["tokens_per_s_low"] = float(row["tokens_per_step"]) / out["step_time_s_high"]
         out["tokens_per_s_high"] = float(row["tokens_per_step"]) / out["step_time_s_low"]

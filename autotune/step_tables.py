@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autotune.data.context_parallel import Placer
 from autotune.data.plan import ChunkGroup, StepPlan
 
 __all__ = ["CPMicroBatch", "PlanTable", "cp_micro_batches", "heaviest_steps", "unit_rows"]
@@ -74,15 +75,13 @@ class CPMicroBatch:
         return self.tokens, self.seqlens, 0
 
 
-def cp_micro_batches(plan: StepPlan, cp: int, placement: str, hidden: int,
-                     rank_tokens: int) -> list[CPMicroBatch]:
-    """Each micro-batch of ``plan`` placed over ``cp`` ranks
-    (``autotune.data.context_parallel.place``), seen from its busiest rank."""
-    from autotune.data.context_parallel import place
-
+def cp_micro_batches(plan: StepPlan, placer: Placer) -> list[CPMicroBatch]:
+    """Each micro-batch of ``plan`` placed over the cp group (``placer``), seen from its
+    busiest rank."""
+    cp, hidden = placer.cp, placer.hidden
     out = []
     for mb in plan.micro_batches():
-        shares = place(mb, cp, placement, hidden=hidden, rank_tokens=rank_tokens)
+        shares = placer(mb)
         gathered = sum(sh.segment.length for sh in shares[0].sharded)
         views = []
         for r, share in enumerate(shares):

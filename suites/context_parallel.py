@@ -10,10 +10,19 @@ own process, interleaved round-robin so that machine noise falls on all alike. R
 effective tokens/s (median over repeats, spread) and ratios, and how long the placement
 itself takes against a step.
 
+Under cp, one rank's budget (2,048 tokens) is below the longest sequence, which must be
+sharded: the case context parallelism is for. dp=2 holds it whole in 4,096-token
+micro-batches.
+
 Part 2, memory: one sequence of the longest length per step, on cp=2 (sharded: each rank
 holds half) and on dp=2 (one rank holds it whole); activation memory is the peak tensor
 memory of that step less the peak of a step of a 64-token sequence (parameters, gradients,
 optimizer state and buffers alike in both).
+
+Part 3, what sharding costs: cp=2 with every sequence sharded against none sharded, on
+fixed lengths of 256 and 2,048 tokens (no imbalance to win back), fitted as a + b L per
+sequence in units of a token's step time under none: the CPU figures
+``autotune.data.context_parallel.CPU_SHARD_COST`` holds.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from suites._report import host_line, md_table
 from suites.scheduling import _measure_rows
 
 MODEL = {"preset": "llama-tiny"}
-RANK_TOKENS = 4096  # one rank's micro-batch budget under cp (a cp micro-batch holds twice)
+RANK_TOKENS = 2048  # one rank's micro-batch budget under cp (a cp micro-batch holds twice)
 
 
 def long_tail(folder: Path, n: int = 1200, seed: int = 0) -> tuple[Path, int, int]:
@@ -68,17 +77,17 @@ def placement_seconds(rc: RunConfig, steps: int = 20) -> float:
     from itertools import islice
 
     from autotune.data import load_lengths, step_plans
-    from autotune.data.context_parallel import place
+    from autotune.data.context_parallel import Placer
 
     dims = rc.workload.model.resolve()
+    placer = Placer.of(rc, dims)
     lengths = load_lengths(rc.workload.data, dims).lengths
     times = []
     for batch in islice(step_plans(rc, lengths, dims), steps):
         t0 = time.perf_counter()
         for plan in batch.ranks:
             for mb in plan.micro_batches():
-                place(mb, rc.parallel.cp, rc.schedule.cp_placement, hidden=dims.hidden,
-                      rank_tokens=rc.schedule.micro_batch_tokens)
+                placer(mb)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -100,6 +109,39 @@ def run_memory(folder: Path, longest: int, *, timeout: float) -> pd.DataFrame:
     return pd.DataFrame(_measure_rows(jobs, steps=1, warmup=0, timeout=timeout, desc="memory"))
 
 
+def run_shard_cost(folder: Path, *, repeats: int, steps: int, warmup: int,
+                   timeout: float) -> pd.DataFrame:
+    rcs = {}
+    for length in (256, 2048):
+        path = folder / f"fixed-cost-{length}.npy"
+        np.save(path, np.full(400, length, dtype=np.int64))
+        for placement in ("all", "none"):
+            rcs[(length, placement)] = RunConfig.model_validate({
+                "workload": {"model": MODEL, "data": {"path": str(path)},
+                             "hardware": {"devices_per_node": 2},
+                             "budget": {"global_batch_tokens": 32768}},
+                "schedule": {"policy": "pack", "micro_batch_tokens": 4096,
+                             "cp_placement": placement},
+                "parallel": {"cp": 2}})
+    jobs = [(f"{placement}-{length}", {"length": length, "placement": placement, "repeat": r}, rc)
+            for r in range(repeats) for (length, placement), rc in rcs.items()]
+    return pd.DataFrame(_measure_rows(jobs, steps=steps, warmup=warmup, timeout=timeout,
+                                      desc="shard cost"))
+
+
+def fit_shard_cost(frame: pd.DataFrame) -> tuple[float, float]:
+    """(b, a): what sharding adds per token and per sequence, in tokens' step time under none."""
+    ok = frame[frame.status == "COMPLETE"]
+    step = ok.groupby(["length", "placement"]).step_time_s.median()
+    per_seq = {}
+    for length in (256, 2048):
+        seqs = 32768 / length
+        token_s = step[(length, "none")] / 32768
+        per_seq[length] = (step[(length, "all")] - step[(length, "none")]) / seqs / token_s
+    b = (per_seq[2048] - per_seq[256]) / (2048 - 256)
+    return b, per_seq[256] - 256 * b
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m suites.context_parallel", description=__doc__)
     p.add_argument("--repeats", type=int, default=3)
@@ -118,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                                          timeout=args.timeout, desc="throughput"))
         place_s = {name: placement_seconds(rc) for name, rc in rcs.items() if rc.parallel.cp > 1}
         mem = run_memory(Path(tmp), longest, timeout=args.timeout)
+        cost = run_shard_cost(Path(tmp), repeats=args.repeats, steps=args.steps,
+                              warmup=args.warmup, timeout=args.timeout)
     thr.to_csv(out / "throughput.csv", index=False)
     mem.to_csv(out / "memory.csv", index=False)
+    cost.to_csv(out / "shard_cost.csv", index=False)
+    per_token, per_seq = fit_shard_cost(cost)
+    cost_table = cost[cost.status == "COMPLETE"].groupby("contender").step_time_s.agg(
+        ["size", "median", "min", "max"]).rename(columns={"size": "runs"})
     ok = thr[thr.status == "COMPLETE"]
     g = ok.groupby("contender").tokens_per_s
     table = pd.DataFrame({"runs": g.size(), "tokens_per_s": g.median(), "min": g.min(),
@@ -153,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         f"step: dp=2 (one rank holds it whole) {act['dp2'] / 2**20:,.1f} MiB, cp=2 (each rank "
         f"half of it) {act['cp2'] / 2**20:,.1f} MiB: **{ratio:.0%}** of cp=1's (target at most "
         f"60%).", "",
+        "## What sharding costs", "",
+        "cp=2, every sequence sharded against none, on fixed lengths (step seconds):", "",
+        md_table(cost_table, {"runs": "d", "median": ".3f", "min": ".3f", "max": ".3f"}), "",
+        f"Per sharded sequence of L tokens, a + b L tokens' step time (under none): b = "
+        f"{per_token:.2f}, a = {per_seq:.0f} (the placement's CPU figures, "
+        f"`CPU_SHARD_COST`, are (0.27, 44), from this part's first run).", "",
     ]
     atomic_write_text(out / "README.md", "\n".join(lines))
     print("\n".join(lines))

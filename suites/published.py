@@ -53,8 +53,6 @@ def runconfig(row: pd.Series) -> tuple[RunConfig | None, str]:
     """The RunConfig reproducing a published row, or None and why it cannot be expressed."""
     if row.get("dtype") != "bf16":
         return None, f"dtype {row.get('dtype')}: the trainer runs bf16 or fp32"
-    if _int(row.cp) > 1:
-        return None, "context parallelism (cp > 1) is not in the trainer yet"
     if _flag(row.async_tp):
         return None, "async tensor parallelism is not in the trainer"
     ck = str(row.checkpointing)
@@ -65,8 +63,8 @@ def runconfig(row: pd.Series) -> tuple[RunConfig | None, str]:
     else:
         return None, f"checkpointing {ck!r} not stated by the source"
     gpus, per_node = int(row.gpus), _int(row.gpus_per_node, 8)
-    tp, pp = _int(row.tp), _int(row.pp)
-    dp = gpus // (tp * pp)
+    tp, pp, cp = _int(row.tp), _int(row.pp), _int(row.cp)
+    dp = gpus // (tp * pp * cp)
     seq = int(row.seq_len)
     global_seqs = int(row.global_batch_seqs)
     local = row.local_batch_seqs
@@ -89,9 +87,10 @@ def runconfig(row: pd.Series) -> tuple[RunConfig | None, str]:
                              "nodes": max(1, gpus // per_node)},
                 "budget": {"global_batch_tokens": global_seqs * seq, "memory_cap_gb": 141},
             },
-            "schedule": {"policy": "pack", "micro_batch_tokens": int(round(local * seq)),
-                         "chunk_size": seq},
-            "parallel": {"dp": dp, "tp": tp, "pp": pp, "zero_stage": zero},
+            # Llama 3's context parallelism shards every sequence
+            "schedule": {"policy": "pack", "micro_batch_tokens": int(round(local * seq)) // cp,
+                         "chunk_size": seq, "cp_placement": "all"},
+            "parallel": {"dp": dp, "tp": tp, "pp": pp, "cp": cp, "zero_stage": zero},
             "checkpointing": checkpointing,
             "precision": {"dtype": "bf16"},
             "kernels": {"attention": "sdpa"},

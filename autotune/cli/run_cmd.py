@@ -528,6 +528,8 @@ def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, mo
              f"ceilings: {models.ceilings.source}), {int(feasible.sum())} predicted to fit "
              f"{wl.budget.memory_cap_gb:g} GB per device with a {MEMORY_MARGIN:.0%} margin. "
              f"Every figure below is a prediction.", "", *_plan_table(top)]
+    held, counts = _longest_fits(candidates, predicted, feasible, wl)
+    lines += ["", *held]
     scaling = _scaling(args, space, wl, candidates, predicted, order, predictor)
     if scaling:
         lines += ["", f"## Scaling: the best predicted config per node count "
@@ -537,9 +539,46 @@ def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, mo
     rundir.write_tuned(candidates[order[0]])
     result = {"run_dir": str(rundir.path), "predicted": True, "candidates": len(candidates),
               "feasible": int(feasible.sum()), "config": top[0]["config"],
-              "predicted_tokens_per_s": top[0]["tokens_per_s"], "top": top, "scaling": scaling}
+              "predicted_tokens_per_s": top[0]["tokens_per_s"], "top": top, "scaling": scaling,
+              "longest_sequence": counts}
     print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
     return 0
+
+
+def _longest_fits(candidates: list[RunConfig], predicted, feasible, wl: Workload  # noqa: ANN001
+                  ) -> tuple[list[str], dict]:
+    """How the configs that fit hold the longest sequence: in ChunkFlow's chunks, sharded
+    over a context-parallel group, or whole on one device (and with what, if so)."""
+    import pandas as pd
+
+    from autotune.data import load_lengths
+
+    def way(rc: RunConfig) -> str:
+        if rc.schedule.policy == "chunkflow":
+            return "in chunks (chunkflow)"
+        return "sharded (cp > 1)" if rc.parallel.cp > 1 else "whole on one device"
+
+    kinds = pd.Series([way(rc) for rc in candidates], index=predicted.index)
+    longest = int(load_lengths(wl.data, wl.model.resolve()).lengths.max())
+    out = [f"## How the longest sequence ({longest:,} tokens) fits", "",
+           "| held | candidates | predicted to fit | best predicted tokens/s |",
+           "|---|---:|---:|---:|"]
+    counts = {}
+    for kind in ("in chunks (chunkflow)", "sharded (cp > 1)", "whole on one device"):
+        mine = kinds == kind
+        fit = predicted[mine & feasible]
+        counts[kind] = {"candidates": int(mine.sum()), "fit": len(fit)}
+        best = f"{fit.tokens_per_s.max():,.0f}" if len(fit) else "-"
+        out.append(f"| {kind} | {int(mine.sum())} | {len(fit)} | {best} |")
+    whole = [candidates[i] for i in predicted.index[feasible & (kinds == "whole on one device")]]
+    if not whole:
+        out += ["", "Every config predicted to fit holds it in chunks or sharded."]
+    else:
+        how = sorted({f"checkpointing {rc.checkpointing.policy}, loss {rc.kernels.loss}, "
+                      f"tp {rc.parallel.tp}" for rc in whole})
+        out += ["", f"{len(whole)} configs are predicted to fit with it whole on one device, "
+                    f"all of them with: {'; '.join(how)}."]
+    return out, counts
 
 
 def _plan_row(rc: RunConfig, row, predictor) -> dict:  # noqa: ANN001

@@ -10,7 +10,8 @@ Placements (``schedule.cp_placement``):
   rank's token budget are sharded (they would not fit), the rest kept whole, longest first
   on the least-loaded rank; then, while it lowers the slowest rank's load, the longest whole
   sequence of the busiest rank is sharded instead. A sequence's cost counts its linear work
-  and its quadratic attention; sharding adds the key/value all-gather.
+  and its quadratic attention; sharding adds what it costs per token and per sequence
+  (``shard_cost``: the key/value all-gather and the pieces' extra kernels).
 
 The placement is a pure function of the micro-batch, so every rank of the group computes
 the same one without communicating.
@@ -19,12 +20,32 @@ the same one without communicating.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autotune.data.plan import MicroBatch, Segment
 
-__all__ = ["CPShare", "Sharded", "pieces", "place"]
+if TYPE_CHECKING:
+    from autotune.config import ModelDims, RunConfig
+
+__all__ = ["CPShare", "Placer", "Sharded", "pieces", "place", "shard_cost"]
+
+# What sharding a sequence costs beyond its share of the work, in the placement's units (one
+# token's linear work, forward and backward).
+# cpu: measured (``python -m suites.context_parallel``, part 3: cp=2 all-sharded against
+# none-sharded on fixed lengths 256 and 2048, llama-tiny fp32, 2 gloo ranks on the 2-vCPU
+# development host): a + b L per sequence with b = 0.27 of a token's work (the gather, the
+# per-piece attention and the gathered keys' indexing and its backward) and a = 44 tokens.
+# cuda: nothing measured; the gather's bytes at H100's bf16 GEMM rate (989 TFLOP/s x 0.815,
+# cost_models/data/gpu) over NVLink4's ring bus bandwidth of 370 GB/s (collectives.csv), and
+# per sequence and layer the pieces' ~40 kernels at the 4.3 us launch floor the GPU prior
+# uses (cost_models/data/gpu/SOURCES.md).
+CPU_SHARD_COST = (0.27, 44.0)
+_GPU_FLOPS = 989e12 * 0.815
+_GPU_GATHER_BYTES_PER_S = 370e9
+_GPU_KERNELS_PER_PIECE_LAYER = 40
+_GPU_LAUNCH_S = 4.3e-6
 
 
 @dataclass(frozen=True)
@@ -69,13 +90,48 @@ def _cost(length: np.ndarray | int, hidden: int) -> np.ndarray | float:
     return np.asarray(length, float) * (1.0 + np.asarray(length, float) / (12.0 * hidden))
 
 
+def shard_cost(dims: ModelDims, *, tp: int, act_bytes: int, device: str) -> tuple[float, float]:
+    """(per token, per sequence) that sharding adds, in units of one token's linear work
+    (the forward and backward matmuls of a layer, sharded over tp alike). On GPUs: the
+    keys' and values' all-gather and the backward reduction of their gradients, and the
+    pieces' kernel launches; on CPUs, as measured (``CPU_SHARD_COST``)."""
+    if device == "cpu":
+        return CPU_SHARD_COST
+    token_s = 3 * 2 * dims.matmul_params_per_layer() / tp / _GPU_FLOPS
+    moved = 2 * (2 * dims.kv_width // tp * act_bytes)  # keys and values, there and back
+    return (moved / _GPU_GATHER_BYTES_PER_S / token_s,
+            _GPU_KERNELS_PER_PIECE_LAYER * _GPU_LAUNCH_S / token_s)
+
+
+@dataclass(frozen=True)
+class Placer:
+    """The placement of a RunConfig: what the trainer, the step model and the suites run."""
+
+    cp: int
+    placement: str
+    hidden: int
+    rank_tokens: int
+    cost: tuple[float, float]  # shard_cost
+
+    @classmethod
+    def of(cls, rc: RunConfig, dims: ModelDims) -> Placer:
+        act = 2 if rc.precision.dtype == "bf16" else 4
+        return cls(rc.parallel.cp, rc.schedule.cp_placement, dims.hidden,
+                   rc.schedule.micro_batch_tokens,
+                   shard_cost(dims, tp=rc.parallel.tp, act_bytes=act,
+                              device=rc.workload.hardware.device))
+
+    def __call__(self, mb: MicroBatch) -> list[CPShare]:
+        return place(mb, self.cp, self.placement, hidden=self.hidden,
+                     rank_tokens=self.rank_tokens, shard_cost=self.cost)
+
+
 def place(mb: MicroBatch, cp: int, placement: str, *, hidden: int, rank_tokens: int,
-          gather_cost_per_token: float = 1.0) -> list[CPShare]:
+          shard_cost: tuple[float, float]) -> list[CPShare]:
     """One share per rank of the group. ``rank_tokens``: the most tokens one rank may run
     (a longer sequence is sharded whatever the placement, except ``none``, which refuses);
-    ``gather_cost_per_token``: what gathering a sharded token's keys and values adds, in the
-    cost's units (one token's linear work; 1 by default, gloo's all-gather on CPUs costing
-    about as much as the work it saves)."""
+    ``shard_cost``: what sharding adds per token and per sequence, in the cost's units (one
+    token's linear work; ``shard_cost``)."""
     segs = list(mb.segments)
     if cp == 1:
         return [CPShare(tuple(segs), ())]
@@ -99,7 +155,8 @@ def place(mb: MicroBatch, cp: int, placement: str, *, hidden: int, rank_tokens: 
     def assign() -> tuple[np.ndarray, list[list[int]]]:
         """The sharded sequences' share on every rank, then the rest longest first onto
         the least-loaded rank."""
-        load = np.full(cp, sum(cost[i] / cp + segs[i].length / cp * gather_cost_per_token
+        per_token, per_seq = shard_cost
+        load = np.full(cp, sum(cost[i] / cp + segs[i].length / cp * per_token + per_seq
                                for i in range(len(segs)) if shard[i]))
         owners: list[list[int]] = [[] for _ in range(cp)]
         for i in sorted((i for i in range(len(segs)) if not shard[i]),

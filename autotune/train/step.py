@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from autotune.data import ChunkGroup, MicroBatch, SequenceSet, StepPlan
+from autotune.data.context_parallel import Placer
 from autotune.train.adaptive import AdaptiveCheckpointing
 from autotune.train.model import IGNORE_INDEX, KV, Decoder, PackedBatch
 from kernels.attention import Segments, to_device
@@ -74,26 +75,21 @@ def _padding_batch(tokens: int, device: torch.device) -> PackedBatch:
 
 @dataclass(frozen=True)
 class CPShareOf:
-    """A context-parallel rank's part in every micro-batch: its rank in the group of ``cp``,
-    the group, and how sequences are placed (``autotune.data.context_parallel.place``)."""
+    """A context-parallel rank's part in every micro-batch: its rank in the group, the group,
+    and how sequences are placed (``autotune.data.context_parallel.Placer``)."""
 
-    cp: int
+    placer: Placer
     rank: int
     group: object
-    placement: str
-    hidden: int
-    rank_tokens: int
 
     def batch(self, mb: MicroBatch, seqs: SequenceSet, batch_ids: np.ndarray,
               device: torch.device) -> PackedBatch:
-        from autotune.data.context_parallel import place
         from autotune.train.context_parallel import materialize_share
 
-        share = place(mb, self.cp, self.placement, hidden=self.hidden,
-                      rank_tokens=self.rank_tokens)[self.rank]
+        share = self.placer(mb)[self.rank]
         if not share.local and not share.sharded:  # fewer whole sequences than ranks
             return _padding_batch(2, device)
-        return materialize_share(share, seqs, batch_ids, device, rank=self.rank, cp=self.cp,
+        return materialize_share(share, seqs, batch_ids, device, rank=self.rank, cp=self.placer.cp,
                                  group=self.group)
 
 

@@ -23,6 +23,7 @@ from autotune.data import (
     plan_step,
     step_plans,
 )
+from autotune.data.context_parallel import Placer
 from autotune.data.cost import plan_flops
 from autotune.errors import UserError
 from autotune.train.adaptive import AdaptiveCheckpointing
@@ -181,9 +182,7 @@ class Trainer:
     def _cp_share(self, rc: RunConfig) -> CPShareOf | None:
         if self.ctx.cp == 1:
             return None
-        return CPShareOf(self.ctx.cp, self.ctx.cp_rank, self.ctx.group("cp"),
-                         rc.schedule.cp_placement, self.dims.hidden,
-                         rc.schedule.micro_batch_tokens)
+        return CPShareOf(Placer.of(rc, self.dims), self.ctx.cp_rank, self.ctx.group("cp"))
 
     def _adaptive(self, rc: RunConfig) -> AdaptiveCheckpointing | None:
         ck = rc.checkpointing

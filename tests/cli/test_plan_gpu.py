@@ -63,6 +63,11 @@ def test_plan_only_ranks_a_gpu_space_without_the_gpus(tmp_path: Path, capsys) ->
     plan = (out_dir / "plan.md").read_text()
     assert "predicted" in plan and out["config"] in plan
     assert (out_dir / "tuned.yaml").is_file()
+    # how the configs that fit hold the longest sequence: every candidate counted once
+    held = out["longest_sequence"]
+    assert sum(k["candidates"] for k in held.values()) == out["candidates"]
+    assert sum(k["fit"] for k in held.values()) == out["feasible"]
+    assert "## How the longest sequence" in plan
 
 
 @pytest.mark.parametrize(("edit", "words"), [

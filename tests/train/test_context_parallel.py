@@ -11,7 +11,7 @@ import pytest
 
 from autotune.config import RunConfig
 from autotune.data import MicroBatch, Segment
-from autotune.data.context_parallel import pieces, place
+from autotune.data.context_parallel import CPU_SHARD_COST, Placer, pieces, place, shard_cost
 from tests.train.test_distributed import LOSS_RTOL, PARAM_ATOL, _single, _torchrun, cfg_clip
 
 
@@ -81,11 +81,13 @@ def _check_the_mix(rc: RunConfig, placement: str) -> None:
 
     dims = rc.workload.model.resolve()
     lengths = load_lengths(rc.workload.data, dims).lengths
+    placer = Placer.of(rc, dims)
+    assert placer.placement == placement
     seen, sharded, whole = set(), 0, 0
     for batch in islice(step_plans(rc, lengths, dims), 3):
         for plan in batch.ranks:
             for mb in plan.micro_batches():
-                shares = place(mb, 2, placement, hidden=64, rank_tokens=128)
+                shares = placer(mb)
                 sharded += len(shares[0].sharded)
                 whole += sum(len(s.local) for s in shares)
                 seen |= {min(s.length, 5) for s in mb.segments}
@@ -113,19 +115,47 @@ def test_pieces_balance_causal_work() -> None:
 
 def test_placements() -> None:
     mb = _mb(3, 4, 40, 300)
-    alls = place(mb, 2, "all", hidden=64, rank_tokens=128)
+    kw = {"hidden": 64, "rank_tokens": 128, "shard_cost": (1.0, 0.0)}
+    alls = place(mb, 2, "all", **kw)
     assert [s.segment.length for s in alls[0].sharded] == [4, 40, 300]
     assert [s.length for s in alls[0].local + alls[1].local] == [3]  # too short to split
-    none = place(_mb(3, 4, 40, 100), 2, "none", hidden=64, rank_tokens=128)
+    none = place(_mb(3, 4, 40, 100), 2, "none", **kw)
     assert not none[0].sharded and sorted(s.length for s in none[0].local + none[1].local) == [3, 4, 40, 100]
-    dacp = place(mb, 2, "dacp", hidden=64, rank_tokens=128)
+    dacp = place(mb, 2, "dacp", **kw)
     assert [s.segment.length for s in dacp[0].sharded] == [300]  # over one rank's budget
     assert {s.length for s in dacp[0].local + dacp[1].local} == {3, 4, 40}
     with pytest.raises(ValueError, match="keeps it whole"):
-        place(mb, 2, "none", hidden=64, rank_tokens=128)
+        place(mb, 2, "none", **kw)
     # every token runs exactly once across the group
     for shares in (alls, dacp):
         assert sum(s.tokens(r, 2) for r, s in enumerate(shares)) == 347
+
+
+def test_dacp_weighs_what_sharding_costs() -> None:
+    """By hand, hidden 64 (a sequence of length L costs L (1 + L / 768)): whole, the
+    1000-token sequence costs 2302 on one rank against the two 200s' 2 x 252 on the other;
+    sharded, each rank runs 1151 + 252 + 500 w + s, w per token and s per sequence. It pays
+    below w = 1.8 (s = 0) and below s = 899 (w = 0), and not above."""
+    mb = _mb(1000, 200, 200)
+    for cost, sharded in (((0.2, 0.0), [1000]), ((1.7, 0.0), [1000]), ((1.9, 0.0), []),
+                          ((0.0, 850.0), [1000]), ((0.0, 950.0), [])):
+        shares = place(mb, 2, "dacp", hidden=64, rank_tokens=2000, shard_cost=cost)
+        assert [s.segment.length for s in shares[0].sharded] == sharded, cost
+
+
+def test_shard_cost_by_hand() -> None:
+    """Llama 3 8B in bf16 on GPUs: 6 x 218,103,808 FLOPs of linear work a token and layer at
+    989 TFLOP/s x 0.815 is 1.6235 us; its keys and values (2 x 1,024 bf16) gathered and
+    reduced back move 8,192 bytes, 22.14 ns at 370 GB/s: 0.01364 of a token; a sharded
+    sequence's ~40 kernels a layer at 4.3 us are 105.9 tokens' work. On CPUs, as measured."""
+    rc = RunConfig.model_validate({"workload": {"model": {"preset": "llama3-8b"}}})
+    dims = rc.workload.model.resolve()
+    per_token, per_seq = shard_cost(dims, tp=1, act_bytes=2, device="cuda")
+    assert per_token == pytest.approx(0.01364, rel=1e-3)
+    assert per_seq == pytest.approx(105.9, rel=1e-3)
+    # tensor parallelism shards both the work and the heads gathered alike
+    assert shard_cost(dims, tp=2, act_bytes=2, device="cuda")[0] == pytest.approx(per_token)
+    assert shard_cost(dims, tp=1, act_bytes=4, device="cpu") == CPU_SHARD_COST
 
 
 @pytest.mark.parametrize(("schedule", "expect"), [

@@ -171,3 +171,33 @@ def test_a_gpu_trial_traced_over_the_cap_is_recorded_out_of_memory_without_runni
     assert got.status == Status.OOM and got.peak_mem_bytes == traced
     assert f"{traced / 2**20:,.2f} MiB per rank" in got.reason and "not run" in got.reason
     assert "over the memory cap of 0.06 MiB" in got.reason
+
+
+def _fixed(tmp_path: Path, length: int) -> str:
+    import numpy as np
+
+    path = tmp_path / f"fixed-{length}.npy"
+    np.save(path, np.full(8, length, dtype=np.int64))
+    return str(path)
+
+
+def test_context_parallel_halves_the_longest_sequences_activations(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """cp=2 (every sequence sharded: each rank holds half of a 1,024-token sequence) against
+    dp=2 (one rank holds it whole), traced; activations are the peak less that of 64-token
+    sequences (parameters, gradients and AdamW state alike: both replicate, ZeRO 0)."""
+    peaks = {}
+    for name, parallel, schedule, length in (
+            ("dp2", {"dp": 2}, {"micro_batch_tokens": 1024}, 1024),
+            ("cp2", {"cp": 2}, {"micro_batch_tokens": 512, "cp_placement": "all"}, 1024),
+            ("dp2-short", {"dp": 2}, {"micro_batch_tokens": 1024}, 64),
+            ("cp2-short", {"cp": 2}, {"micro_batch_tokens": 512, "cp_placement": "all"}, 64)):
+        cfg = _config(tmp_path, schedule={"policy": "pack", **schedule},
+                      parallel={**parallel, "zero_stage": 0})
+        data = yaml.safe_load(cfg.read_text())
+        data["workload"]["data"] = {"path": _fixed(tmp_path, length)}
+        data["workload"]["budget"]["global_batch_tokens"] = 2 * length
+        cfg.write_text(yaml.safe_dump(data))
+        peaks[name] = _memory(capsys, str(cfg))["peak_bytes"]
+    dp, cp = peaks["dp2"] - peaks["dp2-short"], peaks["cp2"] - peaks["cp2-short"]
+    assert 0 < cp <= 0.6 * dp, peaks

@@ -107,9 +107,8 @@ def sweep(cases: list[dict[str, Any]], store: ProfileStore, *, device_kind: str 
     Each case gets ``windows`` timed windows of ``min_time_s``, a whole round of other cases
     apart; ``attempts``: how often a window disturbed by other processes is measured (see
     ``profilers.ops.measure_window``)."""
-    from tqdm import tqdm
-
     from profilers.ops import canary_reference
+    from profilers.progress import progress as progress_bar
 
     start = time.monotonic()
     todo, skipped = pending_jobs(cases, store, windows)
@@ -119,8 +118,7 @@ def sweep(cases: list[dict[str, Any]], store: ProfileStore, *, device_kind: str 
     report = SweepReport(skipped=skipped)
     writer = _Writer(store)
     log_path = store.root / "sweep.log"
-    bar = tqdm(total=len(todo), desc="profiling", unit="window", disable=not progress,
-               file=sys.stderr)
+    bar = progress_bar(total=len(todo), desc="profiling", unit="window", enabled=progress)
     try:
         while todo:
             left = None if budget_s is None else budget_s - (time.monotonic() - start)

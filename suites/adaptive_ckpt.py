@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig
 from autotune.measure import measure
+from profilers.progress import progress
 from profilers.store import atomic_write_text
 from suites._report import host_line, md_table
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rcs = configs(args.policy, args.micro_batch_size, args.budget_gb)
     rows = []
-    with tqdm(total=args.repeats * len(rcs), desc="measuring", unit="run", file=sys.stderr) as bar:
+    with progress(total=args.repeats * len(rcs), desc="measuring", unit="run") as bar:
         for r in range(args.repeats):
             for name, rc in rcs.items():
                 m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=900)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig, Workload
 from autotune.data import global_batches, load_dataset
 from autotune.data.cost import plan_flops
 from autotune.data.policies import POLICY_CLASSES
 from autotune.measure import measure
+from profilers.progress import progress
 from profilers.store import atomic_write_text
 from suites._report import host_line
 
@@ -60,7 +60,7 @@ def estimated(batches: int) -> pd.DataFrame:
 def measured(repeats: int, steps: int, warmup: int) -> pd.DataFrame:
     jobs = [(r, split) for r in range(repeats) for split in SPLITS]
     rows = []
-    for r, split in tqdm(jobs, desc="measured", unit="trial", file=sys.stderr):
+    for r, split in progress(jobs, desc="measured", unit="trial"):
         m = measure(_rc("skrull", split), steps=steps, warmup=warmup, timeout_s=1800)
         rows.append({"split": split, "repeat": r, "status": m.status.value,
                      "tokens_per_s": m.tokens_per_s,

@@ -305,7 +305,7 @@ def _one_run(suite: Suite, rc: RunConfig, run_dir: Path, name: str, index: int) 
 def run_suite(suite: Suite, base: Path, out: Path, *, progress: bool = True) -> dict:
     """Run every contender ``suite.runs`` times into ``out`` (resumable: a run with a
     result is not run again) and write the scores."""
-    from tqdm import tqdm
+    from profilers.progress import progress as progress_bar
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "suite.yaml", dump_yaml(suite))
@@ -320,8 +320,8 @@ def run_suite(suite: Suite, base: Path, out: Path, *, progress: bool = True) -> 
     tuned = _tune(suite, base, out) if "tuned" in suite.contenders else None
     fits = contender_fits(suite.workload)  # one predictor for every contender's layout
     results: dict[str, list[dict]] = {c: [] for c in suite.contenders}
-    bar = tqdm(total=suite.runs * len(suite.contenders), unit="run", desc=f"bench {suite.name}",
-               disable=None if progress else True)
+    bar = progress_bar(total=suite.runs * len(suite.contenders), unit="run",
+                       desc=f"bench {suite.name}", enabled=progress)
     for i in range(1, suite.runs + 1):
         seed = suite.seed + i
         for name in suite.contenders:

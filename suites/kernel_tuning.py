@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.kernel_tune import bench, family_tune, independent_tune, workload_shapes
+from profilers.progress import progress
 
 
 def _shapes(kernel: str, n: int) -> list[dict]:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.read_parquet(table_path)
     else:
         rows = []
-        for s, shape in enumerate(tqdm(shapes, desc="shapes", unit="shape", file=sys.stderr)):
+        for s, shape in enumerate(progress(shapes, desc="shapes", unit="shape")):
             inputs = spec.make(shape, torch.float32, torch.Generator().manual_seed(s))
             for c, cfg in enumerate(cfgs):
                 rows.append({"shape": s, "config": c, "shape_json": json.dumps(shape),

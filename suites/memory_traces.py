@@ -35,13 +35,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig
 from autotune.predict import StepPredictor
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
 from cost_models.step import GPU_MEMORY_FILE, MemoryModel
+from profilers.progress import progress
 from profilers.store import atomic_write_text
 from suites._report import host_line, md_table
 
@@ -134,7 +134,7 @@ def trace_all(configs: list[dict[str, Any]], out: Path, *, retrace: bool) -> pd.
     if retrace:
         table = table[~table["key"].isin({_key(rc) for rc in rcs})]
     todo = [rc for rc in rcs if _key(rc) not in set(table["key"])]
-    for rc in tqdm(todo, desc="tracing", unit="config", file=sys.stderr):
+    for rc in progress(todo, desc="tracing", unit="config"):
         t = trace_memory(rc)
         r = t.rank
         row = {"key": _key(rc), "model": rc.workload.model.preset, "world": t.world,
@@ -168,7 +168,7 @@ def fit(table: pd.DataFrame) -> tuple[MemoryModel, pd.DataFrame]:
     traced = pd.Series([_traced_peak(r) for _, r in table.iterrows()], dtype=float)
     model = MemoryModel.fit(frame, traced, "traced:gpu", overhead=False, kind="traced")
     held = []
-    for i in tqdm(range(len(table)), desc="leave one out", file=sys.stderr):
+    for i in progress(range(len(table)), desc="leave one out"):
         rest = frame[frame["config"] != i]
         others = MemoryModel.fit(rest, traced.drop(i), "traced:gpu", overhead=False)
         held.append(float(others.peak(frame[frame["config"] == i]).iloc[0]))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig, Workload
 from autotune.data.sequences import longsft_lengths
 from autotune.measure import measure
+from profilers.progress import progress
 from profilers.records import Status
 from profilers.store import atomic_write_text
 from suites._report import host_line, md_table
@@ -51,7 +51,7 @@ def throughput_contenders(wl: Workload) -> dict[str, RunConfig]:
 def _measure_rows(jobs: list[tuple[str, dict, RunConfig]], *, steps: int, warmup: int,
                   timeout: float, desc: str) -> list[dict]:
     rows = []
-    for name, tags, rc in tqdm(jobs, desc=desc, unit="trial", file=sys.stderr):
+    for name, tags, rc in progress(jobs, desc=desc, unit="trial"):
         m = measure(rc, steps=steps, warmup=warmup, timeout_s=timeout)
         rows.append({"contender": name, **tags, "status": m.status.value,
                      "tokens_per_s": m.tokens_per_s, "step_time_s": m.step_time_s,

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig, SearchSpace, Workload
 from autotune.measure import measure
 from profilers.ops import case_key
+from profilers.progress import progress
 from profilers.store import atomic_write_bytes
 
 _POLICIES = ["pad-batch", "sorted", "pack", "skrull", "chunkflow"]
@@ -80,7 +80,7 @@ def _repeat(out: Path, n: int, steps: int, warmup: int) -> int:
     pool = table[(table.status == "COMPLETE") & (table.world == 1) & (table.dtype == "fp32")]
     picked = pool.groupby("policy", sort=False).head((n + 4) // 5).head(n)
     rows = []
-    for rec in tqdm(list(picked.itertuples()), desc="re-measuring", unit="config", file=sys.stderr):
+    for rec in progress(list(picked.itertuples()), desc="re-measuring", unit="config"):
         rc = RunConfig.model_validate_json(rec.config_json)
         rows.append(_row(rc, measure(rc, steps=steps, warmup=warmup, timeout_s=900)))
         _write(out / "repeat.parquet", rows)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = sample_configs(args.configs, args.two_rank, args.bf16, args.seed)
     todo = [rc for rc in configs if _config_key(rc) not in done]
     rows = table.to_dict("records") if len(table) else []
-    for rc in tqdm(todo, desc="measuring", unit="config", file=sys.stderr):
+    for rc in progress(todo, desc="measuring", unit="config"):
         rows.append(_row(rc, measure(rc, steps=args.steps, warmup=args.warmup,
                                      timeout_s=args.timeout)))
         _write(out, rows)

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from autotune.config import RunConfig, SearchSpace, Workload
 from autotune.search import config_key
+from profilers.progress import progress
 
 # The tuner's knobs at a size one CPU host measures exhaustively in about an hour: 132
 # valid two-rank configs of the default workload. Left out for their cost here, not their
@@ -57,7 +57,7 @@ def _sweep(args: argparse.Namespace) -> int:
     todo = [candidates[i] for i in order if config_key(candidates[i]) not in done]
     print(f"{len(candidates)} configs in the space, {len(candidates) - len(todo)} already "
           f"measured", file=sys.stderr)
-    for rc in tqdm(todo, desc="measuring", unit="config", file=sys.stderr):
+    for rc in progress(todo, desc="measuring", unit="config"):
         start, began = time.monotonic(), time.time()
         m = measure(rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout)
         # when, so a window in which something else loaded the machine can be re-measured

@@ -9,10 +9,9 @@ import math
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from autotune.cli._common import load_workload, positive_float
 from autotune.errors import UserError
+from profilers.progress import progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,8 +100,8 @@ def tune(args: argparse.Namespace) -> int:
         itemsize = 2 if dtype == torch.bfloat16 else 4
         allowed = np.array([spec.admissible(shape, cfgs, itemsize=itemsize,
                                             min_memory_cut=args.min_memory_cut) for shape in todo])
-        bar = tqdm(total=measurement_limit(allowed, args.budget), desc=f"tuning {name}",
-                   unit="pair", disable=None)
+        bar = progress(total=measurement_limit(allowed, args.budget), desc=f"tuning {name}",
+                       unit="pair")
 
         def measure(s: int, c: int, spec=spec, todo=todo, cfgs=cfgs, inputs=inputs,  # noqa: ANN001
                     bar=bar, name=name) -> float:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from autotune.cli._common import (
     WORKLOAD_PRESETS,
@@ -22,6 +21,7 @@ from autotune.cli._common import (
 )
 from autotune.config import RunConfig, Workload
 from autotune.errors import UserError
+from profilers.progress import progress
 
 DEFAULT_BUDGET_S = 480.0  # `autotune run` with no arguments ends within 10 minutes
 MAX_PRICED = 50_000  # larger spaces are sampled by TPE on the predictions, not priced whole
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     budget = args.budget_trials or wl.budget.trials
     deadline = time.monotonic() + (args.budget_s or default_budget_s(
         wl, predicted, budget, warmup=args.warmup, steps=args.steps))
-    bar = tqdm(total=budget, initial=len(done), unit="trial", desc="measuring", disable=None)
+    bar = progress(total=budget, initial=len(done), unit="trial", desc="measuring")
 
     # Configs a baseline measured before a kill are not measured again by the tuner.
     base_log = TrialLog(storage, study_name="baselines") if args.baselines else None
@@ -413,7 +413,7 @@ def _run_baselines(args, candidates, user, trials, log, done, measure_one, rundi
 
     cache = {config_key(t.rc): t for t in trials} | done
     first_n = max([t.n for t in cache.values()], default=-1) + 1
-    bar = tqdm(total=len(BASELINES) * len(trials), unit="trial", desc="baselines", disable=None)
+    bar = progress(total=len(BASELINES) * len(trials), unit="trial", desc="baselines")
 
     def fresh(rc: RunConfig, _n: int):  # noqa: ANN202
         n = first_n + len(log.trials())

@@ -209,12 +209,11 @@ def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: in
                fault: Fault | None) -> tuple[dict | None, Trainer]:
     import time
 
-    from tqdm import tqdm
+    from profilers.progress import progress
 
     trainer = Trainer(rc, ctx=ctx, time_compute=False)
     history: list[tuple[StepResult, float]] = []
-    bar = tqdm(total=steps, unit="step", desc=rc.label(), disable=None if ctx.rank == 0 else True,
-               leave=False, file=sys.stderr)
+    bar = progress(total=steps, unit="step", desc=rc.label(), enabled=ctx.rank == 0, leave=False)
     for i in range(steps):
         if fault:
             fault.maybe_fire(rank=ctx.rank, step=i + 1)

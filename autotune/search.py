@@ -61,7 +61,8 @@ class ReplaySource:
     measurement saying so."""
 
     def __init__(self, paths: Iterable[str | Path]) -> None:
-        self.table: dict[str, Measurement] = {}
+        self.table: dict[str, Measurement] = {}  # the last recorded measurement of a config
+        self.repeats: dict[str, list[Measurement]] = {}  # every one, in the table's order
         for path in map(Path, paths):
             try:
                 frame = pd.read_parquet(path)
@@ -69,7 +70,16 @@ class ReplaySource:
                 raise UserError(f"--replay {path}: not a measurements table ({exc})") from None
             for rec in frame.itertuples():
                 key = config_key(RunConfig.model_validate_json(rec.config_json))
-                self.table[key] = Measurement.model_validate_json(rec.measurement_json)
+                m = Measurement.model_validate_json(rec.measurement_json)
+                self.table[key] = m
+                self.repeats.setdefault(key, []).append(m)
+
+    def again(self, rc: RunConfig, r: int) -> Measurement:
+        """The config measured again, the r-th time: its recorded measurements in turn."""
+        got = self.repeats.get(config_key(rc))
+        if not got:
+            return Measurement(status=Status.CRASHED, reason="not in the replay table")
+        return got[r % len(got)]
 
     def __call__(self, rc: RunConfig, n: int) -> Measurement:
         # Reliability tests stretch a replayed measurement to kill the run in the middle of one.

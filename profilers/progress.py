@@ -22,12 +22,25 @@ class _Lines:
         self.stream = stream
 
     def write(self, s: str) -> None:
-        line = s.replace("\r", "").rstrip()
+        line = s.replace("\r", "").replace("\x1b[A", "").strip()
         if line:
             self.stream.write(line + "\n")
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+class _LogBar(tqdm):
+    """In a log, a new postfix or description waits for the next timed line."""
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:  # noqa: ARG002
+        super().set_postfix_str(s, refresh=False)
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:  # noqa: ARG002
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:  # noqa: ARG002
+        super().set_description(desc, refresh=False)
 
 
 def progress(iterable: Iterable | None = None, *, enabled: bool = True, file: TextIO | None = None,
@@ -40,6 +53,7 @@ def progress(iterable: Iterable | None = None, *, enabled: bool = True, file: Te
     if hasattr(stream, "isatty") and stream.isatty():
         return tqdm(iterable, file=stream, **kw)
     # tqdm's own throttle: at most one refresh per interval, whatever the item rate
-    return tqdm(iterable, file=_Lines(stream), mininterval=LOG_INTERVAL_S,
-                maxinterval=LOG_INTERVAL_S, miniters=0, ascii=True, ncols=100,
-                **{k: v for k, v in kw.items() if k != "leave"})
+    # position 0: a log has no lines to move between, whatever other bars are open
+    return _LogBar(iterable, file=_Lines(stream), mininterval=LOG_INTERVAL_S,
+                   maxinterval=LOG_INTERVAL_S, miniters=0, ascii=True, ncols=100, position=0,
+                   **{k: v for k, v in kw.items() if k not in ("leave", "position")})

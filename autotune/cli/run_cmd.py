@@ -76,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="answer measurements from a recorded table instead of running them")
     p.add_argument("--plan-only", action="store_true",
                    help="predict only: rank the space without measuring (every figure predicted)")
+    p.add_argument("--confirm", type=non_negative_int, default=5, metavar="ROUNDS",
+                   help="after the search, measure the finalists (the best configs, the "
+                        "baseline and each --baselines strategy's best) again, interleaved, "
+                        "for at least 3 and at most ROUNDS rounds, until the best one's "
+                        "bootstrap interval separates; the tuned figure is their median "
+                        "(default 5; 0 reports the search's single shots)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -247,8 +253,11 @@ def run(args: argparse.Namespace) -> int:
     if base_log is not None:
         compared = _run_baselines(args, candidates, baseline, trials, base_log, base_done,
                                   measure_one, rundir)
+    found, finalists = _confirm(args, ok, baseline, compared, source, rundir) if (
+        args.confirm and ok) else ({}, {})
+    tuned = _tuned_of(found)
     if best is not None:
-        rundir.write_tuned(best.rc)
+        rundir.write_tuned(finalists[tuned] if tuned else best.rc)
     tuples = [(t.n, t.rc, t.measurement) for t in trials]
     report = render_report(workload_rc=baseline, dataset=dataset, trials=tuples,
                            best=(best.n, best.rc, best.measurement) if best else None)
@@ -258,17 +267,31 @@ def run(args: argparse.Namespace) -> int:
         report += "\n" + _baselines_section(best, trials, compared)
     if args.pareto:
         report += "\n" + _front_section(ok)
+    if tuned:
+        from autotune.verdict import section
+
+        report += "\n" + section(found, finalists, tuned)
     report += "\n" + _predicted_vs_measured(trials, models.calibration)
     rundir.write_text("report.md", report)
     summary = {"run_dir": str(rundir.path), "tuned": str(rundir.path / "tuned.yaml") if best else None,
-               "config": best.rc.label() if best else None,
-               "tokens_per_s": best.measurement.tokens_per_s if best else None,
+               "config": (finalists[tuned] if tuned else best.rc).label() if best else None,
+               "tokens_per_s": (found[tuned].median if tuned else
+                                best.measurement.tokens_per_s if best else None),
+               "search_tokens_per_s": best.measurement.tokens_per_s if best else None,
                "measured_trials": len(trials), "candidates": len(candidates),
                **({"baselines": {name: _best_of(ts) for name, ts in compared.items()}}
-                  if compared else {})}
+                  if compared else {}),
+               **({"confirmed": {n: {"config": finalists[n].label(), **v.to_json_dict()}
+                                 for n, v in found.items()}} if found else {})}
     rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif tuned:
+        v = found[tuned]
+        print(f"tuned: {finalists[tuned].label()} at {v.median:,.0f} tokens/s (median of "
+              f"{len(v.samples)} measurements after the search, 95% interval {v.low:,.0f}-"
+              f"{v.high:,.0f}; {len(trials)} of {len(candidates)} candidates measured); "
+              f"report: {rundir.path / 'report.md'}")
     elif best is not None:
         print(f"tuned: {best.rc.label()} at {best.measurement.tokens_per_s:,.0f} tokens/s "
               f"(measured; {len(trials)} of {len(candidates)} candidates measured); report: "
@@ -431,6 +454,36 @@ def _run_baselines(args, candidates, user, trials, log, done, measure_one, rundi
         bar.update(len(trials))
     bar.close()
     return out
+
+
+def _confirm(args, ok, baseline, compared, source, rundir):  # noqa: ANN001, ANN202
+    """The finalists measured again, interleaved (``autotune.verdict``)."""
+    import re
+
+    from autotune.measure import Status, measure
+    from autotune.verdict import confirm, finalists
+
+    ranked = sorted(ok, key=lambda t: -t.measurement.tokens_per_s)
+    configs = finalists(ranked, baseline, compared)
+    bar = progress(total=args.confirm * len(configs), unit="run", desc="confirming")
+
+    def again(name: str, rc: RunConfig, r: int) -> float | None:
+        bar.set_postfix_str(f"round {r + 1}: {name}")
+        m = source.again(rc, r) if source is not None else measure(
+            rc, steps=args.steps, warmup=args.warmup, timeout_s=args.timeout,
+            workdir=rundir.path / "confirm" / f"r{r + 1}-{re.sub(r'[^A-Za-z0-9]+', '-', name)}",
+            env={"AUTOTUNE_TRIAL": f"confirm-{r + 1}"})
+        bar.update()
+        return m.tokens_per_s if m.status is Status.COMPLETE else None
+
+    found = confirm(configs, again, min_rounds=min(3, args.confirm), max_rounds=args.confirm)
+    bar.close()
+    return found, configs
+
+
+def _tuned_of(found: dict) -> str | None:
+    """The confirmed tuned config: the best median among the search's finalists."""
+    return next((n for n, v in found.items() if n in ("tuned", "runner-up") and v.samples), None)
 
 
 def _best_of(trials: list) -> dict:

@@ -181,6 +181,7 @@ def _fixed(tmp_path: Path, length: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # four traces, 40 s; suites.context_parallel measures the same on real ranks
 def test_context_parallel_halves_the_longest_sequences_activations(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """cp=2 (every sequence sharded: each rank holds half of a 1,024-token sequence) against

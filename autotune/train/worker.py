@@ -28,7 +28,7 @@ from autotune.train.distributed import (
 )
 from autotune.train.faults import Fault
 from autotune.train.trainer import StepResult, Trainer
-from profilers.ceilings import Ceiling, datasheet_peak, matmul_ceiling
+from profilers.ceilings import Ceiling, datasheet_peak, matmul_ceiling, remeasure_if_outrun
 from profilers.fingerprint import current_fingerprint
 from profilers.memory import TensorMemoryTracker
 from profilers.ops import canary_reference, canary_time
@@ -78,7 +78,7 @@ def _canary(ctx: ParallelContext, kind: str) -> float | None:
 
 
 def _mfu(flops_per_s: float, ceiling: Ceiling, rc: RunConfig, world: int
-         ) -> tuple[float, str, dict]:
+         ) -> tuple[float | None, str, dict]:
     source = (f"measured {ceiling.dtype} matmul ceiling {ceiling.flops_per_s / 1e9:.1f} GFLOP/s "
               f"per rank x {world} ranks ({ceiling.method}; fingerprint "
               f"{ceiling.fingerprint_key})")
@@ -89,7 +89,12 @@ def _mfu(flops_per_s: float, ceiling: Ceiling, rc: RunConfig, world: int
         if peak:
             extra["mfu_datasheet"] = flops_per_s / (peak * world)
             extra["datasheet_peak_flops"] = peak
-    return flops_per_s / (ceiling.flops_per_s * world), source, extra
+    mfu = flops_per_s / (ceiling.flops_per_s * world)
+    if mfu > 1.0:  # still above it when measured again: no ceiling worth dividing by
+        extra["mfu_withheld"] = mfu
+        return None, source + "; MFU withheld: the steps ran faster than the ceiling measured " \
+            "again", extra
+    return mfu, source, extra
 
 
 def _imbalance(ctx: ParallelContext, per_rank: list[list[float]], rc: RunConfig
@@ -162,6 +167,8 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
     tokens = sum(r.tokens for r in results)
     flops = sum(r.model_flops for r in results)
     ceiling = matmul_ceiling(rc.precision.dtype, kind)
+    # a step that beats the ceiling: the ceiling was measured while the machine was slow
+    ceiling = remeasure_if_outrun(ceiling, flops / sum(samples) / ctx.world)
     mfu, source, mfu_extra = _mfu(flops / sum(samples), ceiling, rc, ctx.world)
     energies = [g[4] for g in gathered]
     energy = None if any(e is None for e in energies) else float(sum(energies))

@@ -46,7 +46,7 @@ def tiny_measure(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def measure(dtype: str, device_kind: str = "cpu") -> Ceiling:
         calls.append(dtype)
-        return real(dtype, device_kind, sizes=(64,), min_time_s=0.01)  # type: ignore[arg-type]
+        return real(dtype, device_kind, sizes=(64,), min_time_s=0.01, windows_n=1)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ceilings, "measure_matmul_ceiling", measure)
     return calls
@@ -301,3 +301,80 @@ def test_datasheet_peak_known_gpus(name: str, dtype: str, tflops: float) -> None
 )
 def test_datasheet_peak_unknown_gpu_is_none(name: str) -> None:
     assert datasheet_peak(name, "bf16") is None
+
+
+def test_the_fastest_of_several_windows_is_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three windows, the second run while the machine was twice as fast: its figure is
+    kept (2 n^3 / median), and the method says how many windows were taken."""
+    speeds = iter([1.0, 2.0, 1.0])
+
+    def timed(n: int, torch_dtype: object, device_kind: str, min_time_s: float) -> list[float]:
+        s = next(speeds)
+        return [2 * n**3 / (1e9 * s)] * 3  # 1 or 2 GFLOP/s
+
+    monkeypatch.setattr(ceilings, "_time_size", timed)
+    c = measure_matmul_ceiling("fp32", sizes=(64,), windows_n=3)
+    assert c.flops_per_s == pytest.approx(2e9, rel=1e-12)
+    assert "best of 3 windows" in c.method
+
+
+def test_a_window_other_processes_disturbed_is_measured_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from profilers import ops
+
+    shares = iter([0.6, 0.05])
+    timings = iter([0.5, 2.0])  # GFLOP/s while disturbed, then undisturbed
+
+    class Foreign:
+        def __enter__(self) -> Foreign:
+            self.fraction = next(shares)
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(ops, "_ForeignCPU", Foreign)
+    monkeypatch.setattr(ceilings.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ceilings, "_time_size",
+                        lambda n, d, k, t: [2 * n**3 / (1e9 * next(timings))] * 3)
+    c = measure_matmul_ceiling("fp32", sizes=(64,), windows_n=1)
+    assert c.flops_per_s == pytest.approx(2e9, rel=1e-12)
+    assert "other processes used 5% of the CPU" in c.method
+
+
+def test_a_step_that_outruns_the_ceiling_measures_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fingerprint: Fingerprint) -> None:
+    """A cached ceiling measured while the machine was busy (58 GFLOP/s) and a step at
+    90 GFLOP/s per rank: the ceiling is measured again; the higher one is stored and used.
+    A re-measurement no higher keeps the old one, and nothing is measured for a step
+    below the ceiling."""
+    from profilers.ceilings import remeasure_if_outrun
+
+    old = _ceiling(fingerprint, flops=58e9)
+    calls = []
+
+    def again(flops: float):  # noqa: ANN202
+        def measure(dtype: str, device_kind: str = "cpu") -> Ceiling:
+            calls.append(dtype)
+            return _ceiling(fingerprint, flops=flops)
+        return measure
+
+    monkeypatch.setattr(ceilings, "measure_matmul_ceiling", again(188e9))
+    assert remeasure_if_outrun(old, 40e9, cache_dir=tmp_path) is old and calls == []
+    new = remeasure_if_outrun(old, 90e9, cache_dir=tmp_path)
+    assert new.flops_per_s == 188e9 and calls == ["fp32"]
+    assert CeilingStore(tmp_path).get(fingerprint, "fp32").flops_per_s == 188e9
+    monkeypatch.setattr(ceilings, "measure_matmul_ceiling", again(50e9))
+    assert remeasure_if_outrun(old, 90e9, cache_dir=tmp_path / "other") is old
+
+
+def test_an_mfu_above_one_is_withheld() -> None:
+    from autotune.config import RunConfig
+    from autotune.train.worker import _mfu
+
+    c = _ceiling(current_fingerprint("cpu"), flops=50e9)
+    rc = RunConfig.model_validate({})
+    mfu, source, extra = _mfu(80e9, c, rc, world=2)
+    assert mfu == pytest.approx(0.8)
+    mfu, source, extra = _mfu(120e9, c, rc, world=2)
+    assert mfu is None and "withheld" in source and extra["mfu_withheld"] == pytest.approx(1.2)

@@ -382,6 +382,8 @@ def test_a_full_study_storage_stops_the_run_in_one_line_and_resumes(
         # is alive at a time, so a beat late on a loaded machine cannot hand a live claim to
         # another; the values only shorten the resumed worker's wait.
         argv[argv.index("run")] = "worker"
+        at = argv.index("--confirm")
+        del argv[at:at + 2]  # a worker measures no finalists
         argv += ["--heartbeat", "1", "--grace", "2"]
     # Each replayed trial takes at least the delay, so the run records its 8 trials no faster
     # than one per 0.5 s however fast the machine (a slow one only widens the gaps): the test

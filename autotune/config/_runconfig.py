@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -17,6 +17,14 @@ __all__ = [
 Policy = Literal["pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull"]
 POLICIES: tuple[str, ...] = ("pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull")
 PADDED_POLICIES = frozenset({"pad-max", "pad-batch", "sorted"})
+# Knob types a SearchSpace's choices share with the RunConfig fields they fill.
+ZeroStage = Annotated[int, Field(ge=0, le=3)]
+CheckpointPolicy = Literal["none", "full", "selective", "adaptive"]
+AttentionKernel = Literal["sdpa", "eager", "blocked", "triton", "varlen", "flex"]
+LossKernel = Literal["full", "fused"]
+NormKernel = Literal["torch", "fused"]
+Dtype = Literal["fp32", "bf16"]
+CompileMode = Literal["none", "blocks"]
 # Far past what one device holds activations for at these model sizes: a larger value is a
 # typo (10**12), refused here instead of reaching the packer.
 MAX_MICRO_BATCH_TOKENS = 2**24
@@ -67,7 +75,7 @@ class ParallelConfig(BaseModel):
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     cp: PositiveInt = 1
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: ZeroStage = 0
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
     grad_reduce: Literal["auto", "micro_batch", "step"] = Field(
         "auto", description="when data-parallel gradients are reduced: after every micro-batch "
@@ -94,7 +102,7 @@ class CheckpointConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["none", "full", "selective", "adaptive"] = "none"
+    policy: CheckpointPolicy = "none"
     fraction: float = Field(0.5, gt=0, le=1)
     memory_budget_gb: float | None = Field(None, gt=0)
 
@@ -131,9 +139,9 @@ class KernelsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    attention: Literal["sdpa", "eager", "blocked", "triton", "varlen", "flex"] = "sdpa"
-    loss: Literal["full", "fused"] = "full"
-    norm: Literal["torch", "fused"] = "torch"
+    attention: AttentionKernel = "sdpa"
+    loss: LossKernel = "full"
+    norm: NormKernel = "torch"
     configs: dict[str, dict[str, int]] = Field(default_factory=dict)
     tuning_cache: str = "auto"
 
@@ -141,7 +149,7 @@ class KernelsConfig(BaseModel):
 class PrecisionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Dtype = "fp32"
 
 
 class OptimizerConfig(BaseModel):
@@ -169,7 +177,7 @@ class RunConfig(BaseModel):
     kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    compile: Literal["none", "blocks"] = Field(
+    compile: CompileMode = Field(
         "none", description="torch.compile each transformer block (attention stays outside "
         "the compiled graph); token-budget policies (pack, skrull, chunkflow) pad micro-batches "
         "to micro_batch_tokens for static shapes, padding policies compile with dynamic shapes")

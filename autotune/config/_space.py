@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from autotune.config._runconfig import (
     PADDED_POLICIES,
     POLICIES,
+    AttentionKernel,
+    CheckpointPolicy,
+    CompileMode,
+    Dtype,
+    LossKernel,
+    NormKernel,
     Policy,
     RunConfig,
+    ZeroStage,
     rule_violations,
 )
 from autotune.config._workload import Workload
@@ -81,17 +87,17 @@ class SearchSpace(BaseModel):
     micro_batch_tokens: list[PositiveInt] = Field(
         default_factory=lambda: [256, 512, 1024, 2048, 4096])
     micro_batch_size: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
-    zero_stage: list[int] = Field(default_factory=lambda: [0])
-    checkpointing: list[str] = Field(default_factory=lambda: ["none", "selective", "full"])
+    zero_stage: list[ZeroStage] = Field(default_factory=lambda: [0])
+    checkpointing: list[CheckpointPolicy] = Field(
+        default_factory=lambda: ["none", "selective", "full"])
     # Kernel choices (see KernelsConfig); a config of each comes from the tuning cache.
-    attention: list[Literal["sdpa", "eager", "blocked", "triton", "varlen", "flex"]] = Field(
-        default_factory=lambda: ["sdpa"])
-    loss: list[Literal["full", "fused"]] = Field(default_factory=lambda: ["full"])
-    norm: list[Literal["torch", "fused"]] = Field(default_factory=lambda: ["torch"])
-    dtype: list[str] = Field(default_factory=lambda: ["fp32"])
+    attention: list[AttentionKernel] = Field(default_factory=lambda: ["sdpa"])
+    loss: list[LossKernel] = Field(default_factory=lambda: ["full"])
+    norm: list[NormKernel] = Field(default_factory=lambda: ["torch"])
+    dtype: list[Dtype] = Field(default_factory=lambda: ["fp32"])
     # torch.compile per block (RunConfig.compile); "none" only by default, since compiling
     # costs each measured trial its compile time (seconds to a minute).
-    compile: list[Literal["none", "blocks"]] = Field(default_factory=lambda: ["none"])
+    compile: list[CompileMode] = Field(default_factory=lambda: ["none"])
     # Parallel degrees to try; None: every degree the device count and the model allow.
     tp: list[PositiveInt] | None = None
     pp: list[PositiveInt] | None = None

@@ -268,3 +268,20 @@ def test_compile_is_a_knob_of_the_space() -> None:
     assert sorted(rc.compile for rc in grid) == ["blocks", "none"]
     compiled = next(rc for rc in grid if rc.compile == "blocks")
     assert "compile='blocks' is not among the choices ['none']" in one.violations(compiled)
+
+
+def test_the_dead_time_budget_is_refused_but_old_tables_still_load() -> None:
+    """budget.time_s was never read: a value is refused naming what bounds the measuring,
+    and configs recorded with it null (results/tuner/exhaustive.parquet) still load."""
+    import pandas as pd
+    import pydantic
+
+    from autotune.config import RunConfig, Workload
+
+    with pytest.raises(pydantic.ValidationError, match="--budget-s"):
+        Workload.model_validate({"budget": {"time_s": 60}})
+    frame = pd.read_parquet(Path(__file__).resolve().parents[2] / "results" / "tuner"
+                            / "exhaustive.parquet")
+    assert '"time_s":null' in frame.config_json.iloc[0]
+    rc = RunConfig.model_validate_json(frame.config_json.iloc[0])
+    assert "time_s" not in rc.workload.budget.model_dump()

@@ -44,7 +44,7 @@ postgres:
 
 # pytest exits 5 when it collects nothing: a broken test tree, never a pass.
 test: $(STAMP) browser postgres
-	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	@AUTOTUNE_REQUIRE_EXPORT_CHECK=1 $(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status
 

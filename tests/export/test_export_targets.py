@@ -4,7 +4,9 @@ reject a broken copy, so that a validator which accepts anything cannot pass."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from export_cases import CASES, facts_of, runconfig
 from autotune.export import export_runconfig
 
 CASE_NAMES = sorted(CASES)
+
+
+def _need(module: str, reason: str):  # noqa: ANN202
+    """The export-check package's module: `make test` installs them all, so there (it sets
+    AUTOTUNE_REQUIRE_EXPORT_CHECK) a missing one fails the test; elsewhere it skips, saying
+    what to install."""
+    if os.environ.get("AUTOTUNE_REQUIRE_EXPORT_CHECK") == "1":
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"{reason}, yet make test installs it: {exc}")
+    return pytest.importorskip(module, reason=reason)
 
 
 def _export(case: str, fmt: str) -> str | None:
@@ -36,7 +50,7 @@ class _PipelineTopology:
 
 
 def _deepspeed_config(cfg: dict, rc, monkeypatch: pytest.MonkeyPatch):
-    ds_config = pytest.importorskip("deepspeed.runtime.config",
+    ds_config = _need("deepspeed.runtime.config",
                                     reason="deepspeed is not installed (pip install "
                                            "'varlen-autotune[export-check]')")
     # No process group here: the config asks deepspeed.comm for the world, as under a launcher.
@@ -84,7 +98,7 @@ def test_deepspeed_rejects_a_broken_batch(monkeypatch: pytest.MonkeyPatch) -> No
 # ---- Accelerate ---------------------------------------------------------------------------
 
 def _accelerate_load(path: Path):
-    config_args = pytest.importorskip("accelerate.commands.config.config_args",
+    config_args = _need("accelerate.commands.config.config_args",
                                       reason="accelerate is not installed (pip install "
                                              "'varlen-autotune[export-check]')")
     return config_args.load_config_from_file(str(path))
@@ -107,7 +121,7 @@ def test_accelerate_reads_the_config(case: str, tmp_path: Path) -> None:
 
 def _accelerate_launch_args(path: Path, rc) -> None:
     """``accelerate launch`` merges the file into its arguments and checks them together."""
-    launch = pytest.importorskip("accelerate.commands.launch")
+    launch = _need("accelerate.commands.launch", reason="accelerate is not installed")
     args = launch.launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
     args, _, _ = launch._validate_launch_command(args)
     assert args.num_processes == rc.workload.hardware.world_size
@@ -126,7 +140,7 @@ def test_accelerate_rejects_an_unknown_key(tmp_path: Path) -> None:
 # ---- TRL ----------------------------------------------------------------------------------
 
 def _trl():
-    return pytest.importorskip("trl", reason="trl is not installed (pip install "
+    return _need("trl", reason="trl is not installed (pip install "
                                              "'varlen-autotune[export-check]')")
 
 
@@ -199,7 +213,7 @@ def _number(text: str):
 def _core_configs(args: dict) -> tuple:
     """TransformerConfig, OptimizerConfig and DistributedDataParallelConfig built from the
     flags as Megatron-LM builds them: every flag whose name is a field of the config."""
-    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install "
+    _need("megatron.core", reason="megatron-core is not installed (pip install "
                                                 "'varlen-autotune[export-check]')")
     import dataclasses
 
@@ -261,7 +275,7 @@ def test_megatron_core_rejects_tp_that_does_not_divide_heads() -> None:
 # ---- torchtitan ---------------------------------------------------------------------------
 
 def _torchtitan_job(args: list[str]):
-    pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install "
+    _need("torchtitan", reason="torchtitan is not installed (pip install "
                                              "'varlen-autotune[export-check]')")
     from torchtitan.config import ConfigManager
 
@@ -303,3 +317,13 @@ def test_torchtitan_rejects_an_unknown_key(tmp_path: Path) -> None:
         "[training]\n", "[training]\nlocal_batch = 3\n"))
     with pytest.raises(ValueError, match="local_batch"):
         _torchtitan_job(["--job.config_file", str(path)])
+
+
+def test_a_missing_export_check_package_fails_under_make_test(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTUNE_REQUIRE_EXPORT_CHECK", "1")
+    with pytest.raises(pytest.fail.Exception, match="yet make test installs it"):
+        _need("no_such_export_target_module", reason="it is not installed")
+    monkeypatch.delenv("AUTOTUNE_REQUIRE_EXPORT_CHECK")
+    with pytest.raises(pytest.skip.Exception, match="it is not installed"):
+        _need("no_such_export_target_module", reason="it is not installed")

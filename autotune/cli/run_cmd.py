@@ -175,8 +175,10 @@ def run(args: argparse.Namespace) -> int:
         _run_dir(args, wl)  # refuses what is not a run before any work
         wl = load_yaml(Workload, Path(args.resume) / "workload.yaml")
     dataset = load_lengths(wl.data, wl.model.resolve())  # planning and the report need no tokens
-    models = load_models(args.models, wl.hardware)
+    # an unreachable URL: before any file, the cache's measured ceilings included
+    log = TrialLog(args.storage) if args.storage else None
     space = _space(args, wl, dataset.max_len)
+    models = load_models(args.models, wl.hardware)
     candidates = _candidates(args, space, wl, models)
     if not candidates:
         raise UserError(f"no valid config of the search space fits {wl.world_size} device(s) "
@@ -185,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
     if predicted.peak_mem_bytes.min() > memory_limit(wl):
         _refuse_unfit(wl, predicted)
     source = ReplaySource(args.replay) if args.replay else None
-    log = TrialLog(args.storage) if args.storage else None  # an unreachable URL: before any file
     rundir, resumed = _run_dir(args, wl)
     if args.plan_only:
         return _plan_only(args, rundir, candidates, predicted, models, space)

@@ -339,8 +339,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture, case: str) -> None:
+def test_bad_input_is_refused(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                              case: str) -> None:
     argv, files, expected = CASES[case]
     for name, content in files.items():
         path = tmp_path / name
@@ -351,7 +352,11 @@ def test_bad_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             path.write_text(content)
     # Default output folders (results/, models/, profiles/, traces/) land in tmp_path.
     monkeypatch.chdir(tmp_path)
-    before = _snapshot(tmp_path)
+    # and nothing lands in the cache either (measured ceilings, tuning caches): an empty one
+    # per case, so what an earlier case cached cannot hide a write
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(cache))
+    before, cached = _snapshot(tmp_path), _snapshot(cache)
 
     code = main([a.format(tmp=tmp_path) for a in argv])
 
@@ -363,3 +368,4 @@ def test_bad_input_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "Traceback" not in captured.err
     assert captured.out == ""
     assert _snapshot(tmp_path) == before
+    assert _snapshot(cache) == cached

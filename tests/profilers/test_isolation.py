@@ -139,7 +139,7 @@ def test_memory_cap_is_oom_naming_the_cap(tmp_path: Path) -> None:
     assert run.status is Status.OOM
     assert run.reason.startswith("RSS ") and run.reason.endswith("exceeded the 150.0 MiB cap")
     assert run.peak_rss_bytes > 150 * MiB
-    assert run.wall_s < 10
+    assert run.wall_s < 20  # ended by the cap: before its 30 s sleep and the 20 s timeout
 
 
 def test_memory_error_in_log_is_oom(tmp_path: Path) -> None:

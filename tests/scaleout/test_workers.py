@@ -112,7 +112,12 @@ def test_a_killed_workers_claim_is_released_and_measured_once(setup, pg_database
         assert time.monotonic() < deadline and victim.poll() is None, "the victim never claimed"
         time.sleep(0.2)
     others = [_spawn(argv, delay_s=0.1) for _ in range(3)]
-    time.sleep(1.0)  # the others start while the victim measures
+    # the others at work while the victim measures: one of them has claimed a candidate
+    pids, deadline = tuple(f"-{o.pid}" for o in others), time.monotonic() + 60
+    while not any(t.user_attrs.get("worker", "").endswith(pids)
+                  for t in _claims_or_none(pg_database)):
+        assert time.monotonic() < deadline, "no other worker ever claimed"
+        time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     outs = _finish(others)

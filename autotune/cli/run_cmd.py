@@ -25,6 +25,7 @@ from profilers.progress import progress
 
 DEFAULT_BUDGET_S = 480.0  # `autotune run` with no arguments ends within 10 minutes
 MAX_PRICED = 50_000  # larger spaces are sampled by TPE on the predictions, not priced whole
+PLAN_FILES = frozenset({"plan.md", "tuned.yaml"})  # what --plan-only writes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,7 +141,8 @@ def _run_dir(args: argparse.Namespace, wl: Workload):  # noqa: ANN202
         validate_name(out.name)
         if (out / "run.json").is_file():
             return RunDir(out), True  # the same command again continues the run
-        if out.exists() and any(out.iterdir()):
+        # a folder holding only an earlier --plan-only's files is planned into again
+        if out.exists() and {f.name for f in out.iterdir()} - PLAN_FILES:
             raise UserError(f"--out {out} exists, is not empty and is not a run directory")
         out.mkdir(parents=True, exist_ok=True)
         return RunDir(out), False

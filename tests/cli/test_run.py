@@ -150,3 +150,15 @@ def test_bad_input(setup, capsys: pytest.CaptureFixture, argv: list[str], expect
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_plan_folder_is_planned_into_again_and_nothing_else_is(
+        setup, capsys: pytest.CaptureFixture) -> None:
+    wl, _, _ = setup
+    argv = ["run", "--workload", str(wl), "--plan-only", "--models", "prior", "--out", "plan"]
+    assert main(argv) == 0 and main(argv) == 0  # the second run replaces the first's plan
+    assert {f.name for f in Path("plan").iterdir()} == {"plan.md", "tuned.yaml"}
+    Path("plan", "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "exists, is not empty and is not a run directory" in capsys.readouterr().err

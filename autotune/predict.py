@@ -393,7 +393,7 @@ class StepPredictor:
         op_runs = float(runs[steps, slow].mean())
         params = params_per_rank(dims, p.tp, p.pp, p.dp, p.zero_stage)
         opt_s = self._optimizer_s(params, optimizer_tensors(dims, p.pp))
-        act_bytes = 2 if rc.precision.dtype == "bf16" else 4
+        act_bytes = rc.precision.itemsize
         mbs = float(plans.micro_batches[steps, slow].mean())
         padded = float(plans.padded[steps, slow].mean())
         breakdown = {f: float(v) for f, v in zip(_FAMILIES, fam_s)} | {"optimizer": opt_s}

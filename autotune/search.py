@@ -61,8 +61,7 @@ class ReplaySource:
     measurement saying so."""
 
     def __init__(self, paths: Iterable[str | Path]) -> None:
-        self.table: dict[str, Measurement] = {}  # the last recorded measurement of a config
-        self.repeats: dict[str, list[Measurement]] = {}  # every one, in the table's order
+        self.repeats: dict[str, list[Measurement]] = {}  # per config, in the table's order
         for path in map(Path, paths):
             try:
                 frame = pd.read_parquet(path)
@@ -70,9 +69,13 @@ class ReplaySource:
                 raise UserError(f"--replay {path}: not a measurements table ({exc})") from None
             for rec in frame.itertuples():
                 key = config_key(RunConfig.model_validate_json(rec.config_json))
-                m = Measurement.model_validate_json(rec.measurement_json)
-                self.table[key] = m
-                self.repeats.setdefault(key, []).append(m)
+                self.repeats.setdefault(key, []).append(
+                    Measurement.model_validate_json(rec.measurement_json))
+
+    @property
+    def table(self) -> dict[str, Measurement]:
+        """The last recorded measurement of each config."""
+        return {key: got[-1] for key, got in self.repeats.items()}
 
     def again(self, rc: RunConfig, r: int) -> Measurement:
         """The config measured again, the r-th time: its recorded measurements in turn."""
@@ -86,10 +89,7 @@ class ReplaySource:
         delay = float(os.environ.get("AUTOTUNE_REPLAY_DELAY_S", "0") or 0)
         if delay:
             time.sleep(delay)
-        m = self.table.get(config_key(rc))
-        if m is None:
-            return Measurement(status=Status.CRASHED, reason="not in the replay table")
-        return m
+        return self.again(rc, -1)  # the last recorded one
 
 
 @contextmanager

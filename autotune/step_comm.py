@@ -189,7 +189,7 @@ def gpu_comm(models: StepModels, alpha_beta: AlphaBeta, rc: RunConfig, dims: Mod
     tp_call = prior.seconds("all_reduce", mb_bytes, g["tp"])
     tp = mbs * (4 * layers + 2 * ckpt) * tp_call
     # FSDP2: parameters gathered in the compute dtype, gradients reduced in float32
-    gather_bytes = 2 if rc.precision.dtype == "bf16" else 4
+    gather_bytes = rc.precision.itemsize
     block = (dims.total_params() - dims.vocab * dims.hidden * (1 if dims.tie_embeddings else 2)
              - dims.hidden) / dims.layers / p.tp
     root = (dims.total_params() - dims.layers * block * p.tp) / p.pp  # embedding, head, norm

@@ -94,12 +94,14 @@ def finalists(ranked: list, baseline: object, baselines: Mapping[str, list] | No
     shots lie within the noise of one measurement (``RUNNER_UP_WITHIN``), the baseline, and
     each --baselines strategy's best. ``ranked``: the search's completed trials, best first
     (anything with ``.rc`` and ``.measurement.tokens_per_s``)."""
+    from autotune.search import config_key
+
     out: dict[str, object] = {}
     if ranked:
         out["tuned"] = ranked[0].rc
         best = ranked[0].measurement.tokens_per_s
         for t in ranked[1:]:
-            if t.rc.model_dump_json() != ranked[0].rc.model_dump_json():
+            if config_key(t.rc) != config_key(ranked[0].rc):
                 if t.measurement.tokens_per_s >= (1 - RUNNER_UP_WITHIN) * best:
                     out["runner-up"] = t.rc
                 break

@@ -133,13 +133,13 @@ def measure_matmul_ceiling(
             if min(summarize(v).median for v in windows[0][0].values()) > _LONG_RUN_S:
                 break  # runs this long average the machine's moments out by themselves
     # the best window: the machine's speed when nothing else held it back
-    results, foreign = max(windows, key=lambda w: _best_flops(w[0]))
-    best = max(results, key=lambda n: _flops(n) / summarize(results[n]).median)
+    results, foreign = max(windows, key=lambda w: _rate(w[0], _best_size(w[0])))
+    best = _best_size(results)
     samples = results[best]
     return Ceiling(
         dtype=dtype,
         device_kind=device_kind,
-        flops_per_s=_flops(best) / summarize(samples).median,
+        flops_per_s=_rate(results, best),
         size=best,
         samples_s=samples,
         method=_describe(dtype, device_kind, best, len(samples), sizes, list(results))
@@ -153,8 +153,12 @@ def measure_matmul_ceiling(
 _LONG_RUN_S = 1.0
 
 
-def _best_flops(results: dict[int, list[float]]) -> float:
-    return max(_flops(n) / summarize(v).median for n, v in results.items())
+def _rate(results: dict[int, list[float]], n: int) -> float:
+    return _flops(n) / summarize(results[n]).median
+
+
+def _best_size(results: dict[int, list[float]]) -> int:
+    return max(results, key=lambda n: _rate(results, n))
 
 
 def _window(sizes: tuple[int, ...], torch_dtype: Any, device_kind: str, min_time_s: float,

@@ -42,6 +42,7 @@ from suites._report import host_line, md_table
 from suites.scheduling import _measure_rows
 
 MODEL = {"preset": "llama-tiny"}
+STEP_TOKENS = 32768  # real tokens in a global batch
 RANK_TOKENS = 2048  # one rank's micro-batch budget under cp (a cp micro-batch holds twice)
 
 
@@ -57,13 +58,26 @@ def long_tail(folder: Path, n: int = 1200, seed: int = 0) -> tuple[Path, int, in
     return path, int(np.median(lengths)), 16 * median
 
 
+def _rc(data: Path, parallel: dict, *, tokens: int = STEP_TOKENS, **schedule: object
+        ) -> RunConfig:
+    """llama-tiny packed on 2 CPU ranks, ``tokens`` real tokens a step of the lengths in
+    ``data``."""
+    return RunConfig.model_validate({
+        "workload": {"model": MODEL, "data": {"path": str(data)},
+                     "hardware": {"devices_per_node": 2},
+                     "budget": {"global_batch_tokens": tokens}},
+        "schedule": {"policy": "pack", **schedule}, "parallel": parallel})
+
+
+def _fixed(folder: Path, length: int, n: int) -> Path:
+    path = folder / f"fixed-{length}x{n}.npy"
+    np.save(path, np.full(n, length, dtype=np.int64))
+    return path
+
+
 def contenders(data: Path, longest: int) -> dict[str, RunConfig]:
     def rc(parallel: dict, **schedule: object) -> RunConfig:
-        return RunConfig.model_validate({
-            "workload": {"model": MODEL, "data": {"path": str(data)},
-                         "hardware": {"devices_per_node": 2},
-                         "budget": {"global_batch_tokens": 32768}},
-            "schedule": {"policy": "pack", **schedule}, "parallel": parallel})
+        return _rc(data, parallel, **schedule)
 
     return {
         "dp2": rc({"dp": 2}, micro_batch_tokens=max(2 * RANK_TOKENS, longest)),  # longest whole
@@ -95,34 +109,19 @@ def placement_seconds(rc: RunConfig, steps: int = 20) -> float:
 def run_memory(folder: Path, longest: int, *, timeout: float) -> pd.DataFrame:
     jobs = []
     for length in (64, longest):
-        path = folder / f"fixed-{length}.npy"
-        np.save(path, np.full(8, length, dtype=np.int64))
+        path = _fixed(folder, length, 8)
         for name, parallel, schedule in (
                 ("dp2", {"dp": 2}, {"micro_batch_tokens": longest}),
                 ("cp2", {"cp": 2}, {"micro_batch_tokens": longest // 2, "cp_placement": "all"})):
-            rc = RunConfig.model_validate({
-                "workload": {"model": MODEL, "data": {"path": str(path)},
-                             "hardware": {"devices_per_node": 2},
-                             "budget": {"global_batch_tokens": length}},
-                "schedule": {"policy": "pack", **schedule}, "parallel": parallel})
-            jobs.append((name, {"length": length}, rc))
+            jobs.append((name, {"length": length}, _rc(path, parallel, tokens=length, **schedule)))
     return pd.DataFrame(_measure_rows(jobs, steps=1, warmup=0, timeout=timeout, desc="memory"))
 
 
 def run_shard_cost(folder: Path, *, repeats: int, steps: int, warmup: int,
                    timeout: float) -> pd.DataFrame:
-    rcs = {}
-    for length in (256, 2048):
-        path = folder / f"fixed-cost-{length}.npy"
-        np.save(path, np.full(400, length, dtype=np.int64))
-        for placement in ("all", "none"):
-            rcs[(length, placement)] = RunConfig.model_validate({
-                "workload": {"model": MODEL, "data": {"path": str(path)},
-                             "hardware": {"devices_per_node": 2},
-                             "budget": {"global_batch_tokens": 32768}},
-                "schedule": {"policy": "pack", "micro_batch_tokens": 4096,
-                             "cp_placement": placement},
-                "parallel": {"cp": 2}})
+    rcs = {(length, placement): _rc(_fixed(folder, length, 400), {"cp": 2},
+                                    micro_batch_tokens=4096, cp_placement=placement)
+           for length in (256, 2048) for placement in ("all", "none")}
     jobs = [(f"{placement}-{length}", {"length": length, "placement": placement, "repeat": r}, rc)
             for r in range(repeats) for (length, placement), rc in rcs.items()]
     return pd.DataFrame(_measure_rows(jobs, steps=steps, warmup=warmup, timeout=timeout,
@@ -135,8 +134,8 @@ def fit_shard_cost(frame: pd.DataFrame) -> tuple[float, float]:
     step = ok.groupby(["length", "placement"]).step_time_s.median()
     per_seq = {}
     for length in (256, 2048):
-        seqs = 32768 / length
-        token_s = step[(length, "none")] / 32768
+        seqs = STEP_TOKENS / length
+        token_s = step[(length, "none")] / STEP_TOKENS
         per_seq[length] = (step[(length, "all")] - step[(length, "none")]) / seqs / token_s
     b = (per_seq[2048] - per_seq[256]) / (2048 - 256)
     return b, per_seq[256] - 256 * b
@@ -185,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Context parallelism: DACP against all-sharded and data parallelism", "",
         f"CPU figures ({host_line()}), 2 ranks (gloo), measured with `python -m "
         f"suites.context_parallel --repeats {args.repeats} --steps {args.steps} --warmup "
-        f"{args.warmup}`. llama-tiny, float32, 32,768 real tokens per step; lengths log-normal "
-        f"(median {median} tokens, 16 to 2K) and 2% of sequences {longest} tokens long (16x "
+        f"{args.warmup}`. llama-tiny, float32, {STEP_TOKENS:,} real tokens per step; lengths "
+        f"log-normal (median {median} tokens, 16 to 2K) and 2% of sequences {longest} tokens long (16x "
         f"the median). dp=2 packs micro-batches of up to {2 * RANK_TOKENS:,} tokens per rank; "
         f"cp=2 micro-batches of up to {2 * RANK_TOKENS:,} over the pair ({RANK_TOKENS:,} per "
         f"rank). Contenders interleaved round-robin.", "",

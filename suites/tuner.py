@@ -81,6 +81,22 @@ def _table(out: Path) -> tuple[pd.DataFrame, list[RunConfig]]:
     return frame, space
 
 
+def baseline_bests(name: str, space: list[RunConfig], source, budget: int,  # noqa: ANN001
+                   user: RunConfig, seeds: int):  # noqa: ANN201 - np.ndarray
+    """The best tokens/s one baseline finds within ``budget`` measurements of ``source``,
+    once per seed (once for the deterministic DeepSpeed-style search)."""
+    import numpy as np
+
+    from autotune.baselines import Measurer, run_baseline
+
+    found = []
+    for seed in range(seeds if name != "deepspeed-style" else 1):
+        trials = run_baseline(name, space, Measurer(source, budget, {}), user, seed=seed)
+        found.append(max([float(t.measurement.tokens_per_s or 0) for t in trials if t.ok]
+                         or [0.0]))
+    return np.array(found)
+
+
 def _cli_run(table: Path, space_yaml: Path, budget: int, models: str, out: Path,
              seed: int) -> dict:
     import contextlib
@@ -106,7 +122,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from autotune.baselines import BASELINES, Measurer, run_baseline
+    from autotune.baselines import BASELINES
     from autotune.config import dump_yaml
     from autotune.portfolio import baseline_configs
     from autotune.search import ReplaySource
@@ -166,13 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
               "|---|---:|---|---:|---|"]
     tuned = {m: r["tokens_per_s"] for m, r in runs.items()}
     for name in BASELINES:
-        seeds = range(args.seeds) if name != "deepspeed-style" else range(1)
-        found: list[float] = []
-        for seed in seeds:
-            trials = run_baseline(name, space, Measurer(source, budget, {}), user, seed=seed)
-            found.append(max([float(t.measurement.tokens_per_s or 0) for t in trials if t.ok]
-                             or [0.0]))
-        got = np.array(found)
+        got = baseline_bests(name, space, source, budget, user, args.seeds)
         ratios = "; ".join(f"{m}: {tuned[m] / np.median(got):.2f}x "
                            f"({tuned[m] / got.max():.2f}-{tuned[m] / max(got.min(), 1e-9):.2f})"
                            for m in models)

@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     source = ReplaySource(args.replay) if args.replay else None
     rundir, resumed = _run_dir(args, wl)
     if args.plan_only:
-        return _plan_only(args, rundir, candidates, predicted, models, space)
+        return _plan_only(args, rundir, candidates, predicted, models, space, dataset.max_len)
     storage = args.storage or f"sqlite:///{(rundir.path / 'study.db').resolve()}"
     if not resumed:
         # The run folder is whole before its study exists: a run killed in between is a run
@@ -568,7 +568,7 @@ def _predicted_vs_measured(trials: list, calibration: str) -> str:
 
 
 def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, models,  # noqa: ANN001
-               space) -> int:  # noqa: ANN001
+               space, longest: int) -> int:  # noqa: ANN001
     """Rank the space from the models alone and write plan.md: the best predicted configs
     that fit, and how the best one scales with the node count. Nothing is measured."""
     from autotune.predict import StepPredictor
@@ -584,7 +584,7 @@ def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, mo
              f"ceilings: {models.ceilings.source}), {int(feasible.sum())} predicted to fit "
              f"{wl.budget.memory_cap_gb:g} GB per device with a {MEMORY_MARGIN:.0%} margin. "
              f"Every figure below is a prediction.", "", *_plan_table(top)]
-    held, counts = _longest_fits(candidates, predicted, feasible, wl)
+    held, counts = _longest_fits(candidates, predicted, feasible, longest)
     lines += ["", *held]
     scaling = _scaling(args, space, wl, candidates, predicted, order, predictor)
     if scaling:
@@ -601,13 +601,11 @@ def _plan_only(args: argparse.Namespace, rundir, candidates: list, predicted, mo
     return 0
 
 
-def _longest_fits(candidates: list[RunConfig], predicted, feasible, wl: Workload  # noqa: ANN001
+def _longest_fits(candidates: list[RunConfig], predicted, feasible, longest: int  # noqa: ANN001
                   ) -> tuple[list[str], dict]:
     """How the configs that fit hold the longest sequence: in ChunkFlow's chunks, sharded
     over a context-parallel group, or whole on one device (and with what, if so)."""
     import pandas as pd
-
-    from autotune.data import load_lengths
 
     def way(rc: RunConfig) -> str:
         if rc.schedule.policy == "chunkflow":
@@ -615,7 +613,6 @@ def _longest_fits(candidates: list[RunConfig], predicted, feasible, wl: Workload
         return "sharded (cp > 1)" if rc.parallel.cp > 1 else "whole on one device"
 
     kinds = pd.Series([way(rc) for rc in candidates], index=predicted.index)
-    longest = int(load_lengths(wl.data, wl.model.resolve()).lengths.max())
     out = [f"## How the longest sequence ({longest:,} tokens) fits", "",
            "| held | candidates | predicted to fit | best predicted tokens/s |",
            "|---|---:|---:|---:|"]

@@ -151,6 +151,11 @@ class PrecisionConfig(BaseModel):
 
     dtype: Dtype = "fp32"
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes of one activation element in the compute dtype."""
+        return 2 if self.dtype == "bf16" else 4
+
 
 class OptimizerConfig(BaseModel):
     """AdamW with linear warm-up; the same for every policy, so policies train alike."""

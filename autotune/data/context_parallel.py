@@ -115,10 +115,9 @@ class Placer:
 
     @classmethod
     def of(cls, rc: RunConfig, dims: ModelDims) -> Placer:
-        act = 2 if rc.precision.dtype == "bf16" else 4
         return cls(rc.parallel.cp, rc.schedule.cp_placement, dims.hidden,
                    rc.schedule.micro_batch_tokens,
-                   shard_cost(dims, tp=rc.parallel.tp, act_bytes=act,
+                   shard_cost(dims, tp=rc.parallel.tp, act_bytes=rc.precision.itemsize,
                               device=rc.workload.hardware.device))
 
     def __call__(self, mb: MicroBatch) -> list[CPShare]:

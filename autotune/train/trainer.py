@@ -192,7 +192,7 @@ class Trainer:
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.params)
         return AdaptiveCheckpointing(self.dims, budget_bytes=ck.memory_budget_gb * 1e9,
                                      state_bytes=local * 4 * 4,
-                                     act_bytes=2 if rc.precision.dtype == "bf16" else 4)
+                                     act_bytes=rc.precision.itemsize)
 
     def _lr_scale(self) -> float:
         warm = self.rc.optimizer.warmup_steps

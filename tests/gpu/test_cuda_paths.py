@@ -7,6 +7,8 @@
 - a training step queues its work without one hidden host synchronization
   (``torch.cuda.set_sync_debug_mode("error")``), for pack and chunkflow;
 - two ranks on NCCL, FSDP2 ZeRO 3 in bf16 with the mixed-precision policy, against one GPU;
+- context parallelism on two NCCL ranks (its gradients' reduce-scatter, which gloo lacks),
+  under DACP and all-sharded placement, against one GPU;
 - ``autotune run --gpus 2 --budget-trials 3`` end to end;
 - a peak traced by ``autotune memory`` against the peak ``autotune measure`` measures.
 
@@ -95,7 +97,6 @@ def test_a_training_step_queues_its_work_without_host_synchronization(policy: st
 
 def test_two_nccl_ranks_fsdp2_bf16_match_one_gpu(tmp_path: Path) -> None:
     _two_gpus()
-    from autotune.launch import Launch
     from autotune.train.trainer import Trainer
 
     trainer = Trainer(_rc("pack"))
@@ -103,16 +104,37 @@ def test_two_nccl_ranks_fsdp2_bf16_match_one_gpu(tmp_path: Path) -> None:
     cfg = _rc("pack").model_dump(mode="json")
     cfg["workload"]["hardware"]["devices_per_node"] = 2
     cfg["parallel"] |= {"dp": 2, "zero_stage": 3}
-    two = RunConfig.model_validate(cfg)
+    # bf16 over three steps, different reduction order: as the gloo test states, 1e-3.
+    np.testing.assert_allclose(_train_on_two(cfg, tmp_path), ref, rtol=1e-3)
+
+
+def _train_on_two(cfg: dict, tmp_path: Path) -> list[float]:
+    from autotune.launch import Launch
+
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    argv = Launch.for_config(two).argv("autotune.train.worker", [
+    argv = Launch.for_config(RunConfig.model_validate(cfg)).argv("autotune.train.worker", [
         str(path), "--mode", "train", "--steps", "3", "--out", str(tmp_path / "summary.json")])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = json.loads((tmp_path / "summary.json").read_text())["losses"]
-    # bf16 over three steps, different reduction order: as the gloo test states, 1e-3.
-    np.testing.assert_allclose(losses, ref, rtol=1e-3)
+    return json.loads((tmp_path / "summary.json").read_text())["losses"]
+
+
+@pytest.mark.parametrize("placement", ["dacp", "all"])
+def test_two_nccl_ranks_context_parallel_match_one_gpu(tmp_path: Path, placement: str) -> None:
+    _two_gpus()
+    from autotune.train.trainer import Trainer
+
+    trainer = Trainer(_rc("pack"))
+    ref = [trainer.step().loss for _ in range(3)]
+    cfg = _rc("pack").model_dump(mode="json")
+    cfg["workload"]["hardware"]["devices_per_node"] = 2
+    cfg["parallel"] |= {"cp": 2}
+    # a cp micro-batch holds cp x micro_batch_tokens: halved, the same micro-batches
+    cfg["schedule"] |= {"cp_placement": placement,
+                        "micro_batch_tokens": cfg["schedule"]["micro_batch_tokens"] // 2}
+    # bf16 over three steps, different reduction order: as the FSDP2 case, 1e-3.
+    np.testing.assert_allclose(_train_on_two(cfg, tmp_path), ref, rtol=1e-3)
 
 
 def test_autotune_run_on_two_gpus_end_to_end(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ was not fitted on (k-fold by config, never by rows of one config).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,32 +17,21 @@ from autotune.errors import UserError
 from autotune.predict import StepPredictor
 from cost_models.bundle import StepModels
 from cost_models.step import MemoryModel, ResidualModel
+from profilers.records import Measurement
 
-__all__ = ["canary_drift", "compose_measured", "cross_validate", "fit_calibration", "load_measurements",
+__all__ = ["compose_measured", "cross_validate", "fit_calibration", "load_measurements",
            "score"]
 
 
-def canary_drift(extra: dict | None) -> float:
-    """How much slower the machine ran than its reference speed while a measurement was
-    taken (the canary matmul timed around it); 1.0 where the record has no canary. A step
-    divided by it, or a throughput multiplied, is at the reference speed."""
-    extra = extra or {}
-    if extra.get("canary_s") and extra.get("canary_ref_s"):
-        return float(extra["canary_s"]) / float(extra["canary_ref_s"])
-    return 1.0
-
-
-def _record(config_json: str, m: dict, source: str, scale_drift: bool = True) -> dict:
-    steps = m.get("step_times_s") or []
-    extra = m.get("extra") or {}
-    tokens = extra.get("tokens_per_step")
-    drift = canary_drift(extra) if scale_drift else 1.0
-    return {"source": source, "config_json": config_json, "status": m.get("status"),
-            "tokens_per_s": m.get("tokens_per_s", np.nan) * drift if m.get("tokens_per_s") else np.nan,
-            "peak_mem_bytes": m.get("peak_mem_bytes"), "drift": drift,
+def _record(config_json: str, m: Measurement, source: str, scale_drift: bool = True) -> dict:
+    steps = m.step_times_s
+    drift = m.drift if scale_drift else 1.0
+    return {"source": source, "config_json": config_json, "status": m.status.value,
+            "tokens_per_s": m.tokens_per_s * drift if m.tokens_per_s else np.nan,
+            "peak_mem_bytes": m.peak_mem_bytes, "drift": drift,
             "step_mean_s": float(np.mean(steps)) / drift if steps else np.nan,
-            "tokens_per_step": tokens, "warmup": int(m.get("warmup_steps") or 0),
-            "steps": int(m.get("timed_steps") or len(steps))}
+            "tokens_per_step": m.extra.get("tokens_per_step"), "warmup": m.warmup_steps,
+            "steps": m.timed_steps or len(steps)}
 
 
 def load_measurements(paths: Iterable[str | Path], scale_drift: bool = True) -> pd.DataFrame:
@@ -66,15 +54,17 @@ def load_measurements(paths: Iterable[str | Path], scale_drift: bool = True) -> 
                                 f"{', '.join(sorted(missing))}); write one with "
                                 f"suites.step_dataset")
             for rec in table.itertuples():
-                rows.append(_record(rec.config_json, json.loads(rec.measurement_json), str(path),
-                                    scale_drift))
+                rows.append(_record(rec.config_json,
+                                    Measurement.model_validate_json(rec.measurement_json),
+                                    str(path), scale_drift))
         elif path.is_dir():
             for metrics in sorted(path.rglob("metrics.json")):
                 config = metrics.with_name("config.yaml")
                 if not config.exists():
                     continue
                 rc = load_yaml(RunConfig, config)
-                rows.append(_record(rc.model_dump_json(), json.loads(metrics.read_text()),
+                rows.append(_record(rc.model_dump_json(),
+                                    Measurement.model_validate_json(metrics.read_text()),
                                     str(metrics.parent), scale_drift))
         else:
             raise UserError(f"{path}: not a measurements .parquet file or a folder of "

@@ -191,28 +191,17 @@ def workload_shapes(rc, *, steps: int = 3) -> dict[str, list[dict]]:  # noqa: AN
     from autotune.data import load_dataset, step_plans
     from autotune.step_ops import step_op_rows
     from kernels.cache import shape_bucket
+    from kernels.registry import KERNELS
 
     dims = rc.workload.model.resolve()
     data = load_dataset(rc.workload.data, dims)
-    seen: dict[str, Counter] = {k: Counter() for k in ("matmul", "rmsnorm", "linear_ce", "attention")}
+    seen: dict[str, Counter] = {k: Counter() for k in KERNELS}
     for batch in islice(step_plans(rc, data.lengths, dims), steps):
-        plan = batch.ranks[0]
-        rows = step_op_rows(rc, plan, dims)
-        for r in rows.get("gemm", pd.DataFrame()).itertuples():
-            seen["matmul"][(("m", int(r.m)), ("k", int(r.k)), ("n", int(r.n)))] += int(r.count)
-        for r in rows.get("norm", pd.DataFrame()).itertuples():
-            if r.op == "rms_norm":
-                seen["rmsnorm"][(("tokens", int(r.tokens)), ("width", int(r.width)))] += int(r.count)
-        for r in rows.get("loss", pd.DataFrame()).itertuples():
-            seen["linear_ce"][(("tokens", int(r.tokens)), ("hidden", int(r.hidden)),
-                               ("vocab", int(r.vocab)))] += int(r.count)
-        for r in rows.get("attention", pd.DataFrame()).itertuples():
-            if r.op != "varlen":
-                continue
-            seqlens = [int(x) for x in r.seqlens]
-            seen["attention"][(("tokens", sum(seqlens)), ("max_len", max(seqlens)),
-                               ("heads", int(r.heads)), ("kv_heads", int(r.kv_heads)),
-                               ("head_dim", int(r.head_dim)))] += int(r.count)
+        rows = step_op_rows(rc, batch.ranks[0], dims)
+        for kernel, spec in KERNELS.items():
+            if spec.family in rows:
+                for shape, n in spec.shapes(rows[spec.family]):
+                    seen[kernel][tuple(shape.items())] += n
     out: dict[str, list[dict]] = {}
     for kernel, counts in seen.items():
         by_bucket: dict[str, tuple[int, dict]] = {}
@@ -223,3 +212,76 @@ def workload_shapes(rc, *, steps: int = 3) -> dict[str, list[dict]]:  # noqa: AN
                 by_bucket[b] = (n, shape)
         out[kernel] = sorted((s for _, s in by_bucket.values()), key=_size, reverse=True)
     return out
+
+
+def tune_kernels(rcs, wanted: Sequence[str], cache, *, dtype_name: str, budget: float,  # noqa: ANN001
+                 min_memory_cut: float) -> dict:
+    """``autotune kernels tune``: every shape the configs ``rcs`` run, one per cache bucket,
+    family-tuned per kernel in ``wanted`` and put in ``cache`` (saved after each kernel: a
+    crash loses at most the kernel being tuned). A config that fails is a result, the
+    slowest of all, never picked, and said in the summary."""
+    import torch
+
+    from kernels.cache import shape_bucket
+    from kernels.registry import KERNELS
+    from profilers.progress import progress
+
+    buckets: dict[str, dict[str, dict]] = {k: {} for k in wanted}
+    for rc in rcs:
+        for k, found in workload_shapes(rc).items():
+            for s in found if k in buckets else []:
+                buckets[k].setdefault(shape_bucket(s), s)
+    shapes = {k: list(b.values()) for k, b in buckets.items()}
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    summary = {}
+    for name in wanted:
+        spec, todo = KERNELS[name], shapes[name]
+        if not todo:
+            continue
+        cfgs, failed = spec.configs(), []
+        allowed = np.array([spec.admissible(shape, cfgs, itemsize=2 if dtype == torch.bfloat16 else 4,
+                                            min_memory_cut=min_memory_cut) for shape in todo])
+        bar = progress(total=measurement_limit(allowed, budget), desc=f"tuning {name}", unit="pair")
+        measure = _kernel_measure(spec, todo, cfgs, dtype, bar, failed)
+        result = family_tune(todo, cfgs, measure, features=spec.features, budget=budget,
+                             allowed=allowed)
+        bar.close()
+        for s, shape in enumerate(todo):
+            if math.isfinite(result.seconds[s]):  # else every config tried failed: default stays
+                cache.put(name, shape, dtype_name, cfgs[result.best[s]], module=spec.module,
+                          seconds=result.seconds[s],
+                          measured=sum(1 for (t, _) in result.measured if t == s))
+        cache.save()
+        summary[name] = {"shapes": len(todo), "configs": len(cfgs),
+                         "measured_pairs": result.n_measured,
+                         "tuned": [{"shape": sh, "config": cfgs[result.best[s]],
+                                    "seconds": result.seconds[s]} for s, sh in enumerate(todo)
+                                   if math.isfinite(result.seconds[s])],
+                         "failed": failed}
+    return summary
+
+
+def _kernel_measure(spec, todo: list[dict], cfgs: list[dict], dtype, bar, failed: list[dict]  # noqa: ANN001
+                    ) -> Measure:
+    """Seconds of config ``c`` on shape ``s``, one shape's inputs alive at a time; a config
+    that fails (out of memory, or of shared memory or registers) is infinitely slow."""
+    import torch
+
+    inputs: dict[int, tuple] = {}
+
+    def measure(s: int, c: int) -> float:
+        if s not in inputs:
+            inputs.clear()
+            inputs[s] = spec.make(todo[s], dtype, torch.Generator().manual_seed(s))
+        bar.update()
+        try:
+            return bench(lambda: spec.run(inputs[s], cfgs[c]))
+        except Exception as exc:  # noqa: BLE001 - a config that fails is a result
+            failed.append({"kernel": spec.name, "shape": todo[s], "config": cfgs[c],
+                           "error": f"{type(exc).__name__}: "
+                                    f"{(str(exc).splitlines() or [''])[0][:200]}"})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return math.inf
+
+    return measure

@@ -66,7 +66,7 @@ def ladder_fits(workload: Workload, models) -> Fits | None:  # noqa: ANN001 - St
     if workload.hardware.device != "cuda":
         return None
     from autotune.predict import fits_in_memory
-    from autotune.search import MEMORY_MARGIN
+    from autotune.tune.strategies import MEMORY_MARGIN
 
     return fits_in_memory(models, margin=MEMORY_MARGIN)
 

@@ -41,6 +41,7 @@ from autotune.step_ops import (
     optimizer_rows,
     optimizer_tensors,
     params_per_rank,
+    runs_per_step,
     signature,
 )
 from autotune.step_tables import PlanTable, cp_micro_batches, unit_rows
@@ -307,15 +308,17 @@ class StepPredictor:
                 c = cost[ids]
                 fwd, bwd = c[:, :nf], c[:, nf:2 * nf]
                 lf, lb, rf, rb = c[:, 2 * nf], c[:, 2 * nf + 1], c[:, 2 * nf + 2], c[:, 2 * nf + 3]
-                a = again.astype(float)[:, None]
-                fam = layers * (fwd + bwd) + layers * a * fwd
-                out.family_base[s, r] = fam.sum(0)
-                out.family_base[s, r, _FAMILIES.index("loss")] += (lf * (1 + a[:, 0]) + lb).sum()
-                out.family_ckpt[s, r] = ((1 - a) * fwd).sum(0)
-                out.forward_base[s, r] = ((layers * (1 + a) * fwd).sum() + (lf * (1 + a[:, 0])).sum())
-                out.forward_ckpt[s, r] = ((1 - a) * fwd).sum()
-                out.runs_base[s, r] = (layers * (rf + rb) + layers * a[:, 0] * rf + 2 + a[:, 0]).sum()
-                out.runs_ckpt[s, r] = ((1 - a[:, 0]) * rf).sum()
+                n = runs_per_step(layers, again.astype(float))
+                col = {k: v[:, None] for k, v in n.items()}
+                out.family_base[s, r] = (col["fwd"] * fwd + col["bwd"] * bwd).sum(0)
+                loss_s = lf * n["loss_fwd"]
+                out.family_base[s, r, _FAMILIES.index("loss")] += (loss_s + lb * n["loss_bwd"]).sum()
+                out.family_ckpt[s, r] = (col["ckpt_fwd"] * fwd).sum(0)
+                out.forward_base[s, r] = (col["fwd"] * fwd).sum() + loss_s.sum()
+                out.forward_ckpt[s, r] = (col["ckpt_fwd"] * fwd).sum()
+                out.runs_base[s, r] = (n["fwd"] * rf + n["bwd"] * rb + n["loss_fwd"]
+                                       + n["loss_bwd"]).sum()
+                out.runs_ckpt[s, r] = (n["ckpt_fwd"] * rf).sum()
         self._compute[ckey] = out
         return out
 
@@ -506,7 +509,7 @@ class StepPredictor:
 def fits_in_memory(models: StepModels, *, margin: float):  # noqa: ANN201 - Fits
     """A memory check for ``autotune.portfolio``: whether a config's predicted peak stays
     ``margin`` below its workload's memory cap."""
-    from autotune.search import memory_limit
+    from autotune.tune.strategies import memory_limit
 
     predictor = StepPredictor(models)
 

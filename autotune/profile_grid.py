@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autotune.config import ModelDims, SearchSpace, Workload
-from autotune.step_ops import optimizer_tensors
+from autotune.step_ops import layer_ops, loss_op, optimizer_tensors
 
 __all__ = ["op_cases", "token_grid"]
 
@@ -47,11 +47,13 @@ def _packing(lengths: np.ndarray, tokens: int, rng: np.random.Generator) -> list
     return out
 
 
-def _gemm(dims: ModelDims, tp: int) -> list[tuple[str, int, int]]:
-    """(projection, in, out) of one block under tp, as the trainer shards them."""
-    return [("wq", dims.hidden, dims.q_width // tp), ("wkv", dims.hidden, dims.kv_width // tp),
-            ("wo", dims.q_width // tp, dims.hidden), ("w13", dims.hidden, dims.ffn // tp),
-            ("w2", dims.ffn // tp, dims.hidden)]
+def _layer_ops(dims: ModelDims, tp: int, tokens: int, family: str) -> list[tuple[str, dict]]:
+    """(op, shape) of every distinct op of ``family`` in one block for a micro-batch of
+    ``tokens`` tokens under tp: the ops the step model prices (``step_ops.layer_ops``), so
+    that every op it asks about has been measured."""
+    ops = layer_ops((tokens, (tokens,), 0), dims, tp, "fp32", "sdpa", ("fwd",))
+    return [(op, dict(shape)) for op, shape in dict.fromkeys((o[1], o[4]) for o in ops
+                                                             if o[0] == family)]
 
 
 def _optimizer_numels(dims: ModelDims, layouts: list[tuple[int, int, int, int]],
@@ -94,10 +96,9 @@ def op_cases(workload: Workload, space: SearchSpace | None = None,
         fb = ("fwd", "bwd")
         if "gemm" in families:
             for tp in tps:
-                shapes = sorted({(k, n) for _, k, n in _gemm(dims, tp)})
                 for t in tokens:
-                    for k, n in shapes:
-                        add("gemm", "linear", fb, dtype, m=t, k=k, n=n)
+                    for op, shape in _layer_ops(dims, tp, t, "gemm"):
+                        add("gemm", op, fb, dtype, **shape)
         if "attention" in families:
             assert lengths is not None
             for tp in tps:
@@ -118,15 +119,12 @@ def op_cases(workload: Workload, space: SearchSpace | None = None,
         if "norm" in families:
             for tp in tps:
                 for t in tokens:
-                    add("norm", "rms_norm", fb, dtype, tokens=t, width=dims.hidden)
-                    add("norm", "add", fb, dtype, tokens=t, width=dims.hidden)
-                    add("norm", "swiglu", fb, dtype, tokens=t, width=dims.ffn // tp)
-                    for width in sorted({dims.q_width // tp, dims.kv_width // tp}):
-                        add("norm", "rope", fb, dtype, tokens=t, width=width,
-                            head_dim=dims.dim_head)
+                    for op, shape in _layer_ops(dims, tp, t, "norm"):
+                        add("norm", op, fb, dtype, **shape)
         if "loss" in families:
             for t in tokens:
-                add("loss", "lm_head_ce", fb, dtype, tokens=t, hidden=dims.hidden, vocab=dims.vocab)
+                _, op, _, _, shape = loss_op((t, (t,), 0), dims, dtype, "fwd")
+                add("loss", op, fb, dtype, **dict(shape))
     if "optimizer" in families:
         # The optimizer keeps float32 master state whatever the compute dtype.
         for numel, tensors in sorted(_optimizer_numels(dims, layouts, space.zero_stage)):

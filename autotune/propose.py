@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autotune.config import RunConfig, SearchSpace, Workload
+from autotune.config import POLICY_KNOBS, SCHEDULE_KNOBS, RunConfig, SearchSpace, Workload
 from autotune.predict import StepPredictor
 
 __all__ = ["SpaceEncoding", "pareto_front", "propose", "space_size"]
@@ -45,7 +45,7 @@ class SpaceEncoding:
                 "checkpointing": list(space.checkpointing), "attention": list(space.attention),
                 "dtype": list(space.dtype), "zero_stage": list(space.zero_stage),
                 "compile": list(space.compile)}
-            for k in ("micro_batch_size", "micro_batch_tokens", "chunk_size", "chunkflow_k"):
+            for k in SCHEDULE_KNOBS:
                 self.choices[k] = list(getattr(space, k))
         for values in self.choices.values():
             values.sort(key=lambda v: (isinstance(v, str), v))
@@ -58,7 +58,7 @@ class SpaceEncoding:
     def params(rc: RunConfig) -> dict:
         p = rc.parallel
         out = {"policy": rc.schedule.policy,
-               **{k: getattr(rc.schedule, k) for k in SearchSpace._policy_knobs(rc.schedule.policy)},
+               **{k: getattr(rc.schedule, k) for k in POLICY_KNOBS[rc.schedule.policy]},
                "layout": f"dp{p.dp}-tp{p.tp}-pp{p.pp}-cp{p.cp}",
                "checkpointing": rc.checkpointing.policy, "attention": rc.kernels.attention,
                "dtype": rc.precision.dtype, "compile": rc.compile}
@@ -69,7 +69,7 @@ class SpaceEncoding:
     def suggest(self, trial) -> RunConfig | None:  # noqa: ANN001 - optuna.Trial
         policy = trial.suggest_categorical("policy", self.choices["policy"])
         params = {"policy": policy}
-        for k in SearchSpace._policy_knobs(policy):
+        for k in POLICY_KNOBS[policy]:
             params[k] = trial.suggest_categorical(k, self.choices[k])
         for k in ("layout", "checkpointing", "attention", "dtype", "compile"):
             params[k] = trial.suggest_categorical(k, self.choices[k])
@@ -83,7 +83,7 @@ class SpaceEncoding:
     def _build(self, params: dict) -> RunConfig | None:
         dp, tp, pp, cp = (int(x[2:]) for x in params["layout"].split("-"))
         ignored = {k: getattr(self.space, k)[0] for k in
-                   ("chunk_size", "chunkflow_k", "micro_batch_tokens", "micro_batch_size")}
+                   SCHEDULE_KNOBS}
         sched = ignored | {k: v for k, v in params.items() if k in ignored} | {"policy": params["policy"]}
         try:
             return RunConfig.model_validate({
@@ -103,7 +103,7 @@ def space_size(space: SearchSpace, workload: Workload) -> int:
     layouts = space.parallel_layouts(workload)
     per_layout = sum(len(space.zero_stage) if dp > 1 else 1 for dp, *_ in layouts)
     rest = len(space.checkpointing) * len(space.attention) * len(space.dtype)
-    sched = sum(math.prod(len(getattr(space, k)) for k in SearchSpace._policy_knobs(p))
+    sched = sum(math.prod(len(getattr(space, k)) for k in POLICY_KNOBS[p])
                 for p in space.policy)
     return sched * per_layout * rest
 

@@ -26,9 +26,9 @@ def loss_chunk(rc: RunConfig) -> int | None:
     """Tokens per chunk of the fused loss; None for the full loss (all logits at once)."""
     if rc.kernels.loss != "fused":
         return None
-    from kernels.tuned import DEFAULTS
+    from kernels.registry import KERNELS
 
-    return rc.kernels.configs.get("linear_ce", DEFAULTS["linear_ce"])["chunk_tokens"]
+    return rc.kernels.configs.get("linear_ce", KERNELS["linear_ce"].default)["chunk_tokens"]
 
 
 def memory_units(rc: RunConfig, dims: ModelDims, plans: PlanTable, layers: int, ckpt: int,

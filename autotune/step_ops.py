@@ -214,6 +214,17 @@ def _rows(counts: Counter, ckpt_counts: Counter) -> dict[str, pd.DataFrame]:
     return {fam: pd.DataFrame(r) for fam, r in rows.items()}
 
 
+def runs_per_step(layers: int, again):  # noqa: ANN001, ANN201 - an int or an array of them
+    """How often one micro-batch's ops run in a step of a stage of ``layers`` layers, the one
+    rule the op rows (what the profiler and the features see) and the vectorized pricing
+    share: each layer's forward ops once, twice where ChunkFlow runs a dropped chunk forward
+    again (``again``); each layer's backward ops once; the loss forward once (twice again)
+    and its backward once; and per checkpointed layer one more forward, unless the chunk
+    runs forward again anyway."""
+    return {"fwd": layers * (1 + again), "bwd": layers + 0 * again, "ckpt_fwd": 1 - again,
+            "loss_fwd": 1 + again, "loss_bwd": 1 + 0 * again}
+
+
 def plan_op_rows(plan: StepPlan, dims: ModelDims, *, tp: int = 1, pp: int = 1,
                  dtype: str = "fp32", impl: str = "sdpa", last_stage: bool = True
                  ) -> dict[str, pd.DataFrame]:
@@ -224,14 +235,14 @@ def plan_op_rows(plan: StepPlan, dims: ModelDims, *, tp: int = 1, pp: int = 1,
     ckpt_counts: Counter = Counter()
 
     def add(mb: MicroBatch, forward_again: bool) -> None:
+        n = runs_per_step(layers, int(forward_again))
         for op in _micro_batch_ops(mb, dims, tp, dtype, impl, ("fwd", "bwd")):
-            again = op[2] == "fwd"
-            counts[op] += layers + (layers if again and forward_again else 0)
-            if again and not forward_again:  # a dropped chunk re-runs every layer anyway
-                ckpt_counts[op] += 1
+            counts[op] += n[op[2]]
+            if op[2] == "fwd" and n["ckpt_fwd"]:
+                ckpt_counts[op] += n["ckpt_fwd"]
         if last_stage:
-            counts[loss_op(signature(mb), dims, dtype, "fwd")] += 1 + int(forward_again)
-            counts[loss_op(signature(mb), dims, dtype, "bwd")] += 1
+            counts[loss_op(signature(mb), dims, dtype, "fwd")] += n["loss_fwd"]
+            counts[loss_op(signature(mb), dims, dtype, "bwd")] += n["loss_bwd"]
 
     for unit in plan.units:
         if isinstance(unit, ChunkGroup):

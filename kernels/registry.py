@@ -1,6 +1,7 @@
-"""The tunable kernels as the kernel tuner sees them: the shape keys, the CPU config space,
-how to make inputs of a shape, one timed call (forward and backward where the kernel has
-one), and the features the family ranker learns from.
+"""The tunable kernels, one ``KernelSpec`` each: what the tuner, the tuning cache and the
+trainer know of a kernel (its module, shape keys, default config and CPU config space, the
+shapes a training step runs, how to make inputs of a shape, one timed call, forward and
+backward where the kernel has one, and the features the family ranker learns from).
 
 Shapes are dicts of ints. Attention's shape is a token count and the longest sequence of a
 micro-batch; the segments are laid out deterministically from them (as long as possible,
@@ -10,12 +11,16 @@ the remainder last), so a shape always names the same work.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.space import configs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["KERNELS", "KernelSpec", "attention_seqlens"]
 
@@ -25,8 +30,13 @@ class KernelSpec:
     name: str
     family: str  # the cost-model family its op belongs to
     module: str  # whose source hash stamps the tuning cache
-    dims: tuple[str, ...]
+    dims: tuple[str, ...]  # the keys of a shape
+    # The config used where none is pinned or tuned: middle of the space, sane before tuning.
+    default: dict[str, int]
     space: Callable[[], dict[str, list]]
+    # (shape, calls) of each op row of ``family`` (``autotune.step_ops.step_op_rows``) that
+    # this kernel runs: the shapes a workload's steps ask the tuning cache for.
+    shapes: Callable[[pd.DataFrame], Iterator[tuple[dict[str, int], int]]]
     make: Callable[[dict, torch.dtype, torch.Generator], tuple]
     run: Callable[[tuple, dict], None]
     features: Callable[[dict, dict], dict[str, float]]
@@ -48,6 +58,17 @@ class KernelSpec:
         need = [self.workspace(shape, c, itemsize) for c in cfgs]
         ok = [ref / n >= min_memory_cut for n in need]
         return ok if any(ok) else [n == min(need) for n in need]
+
+
+def _columns(dims: tuple[str, ...], *, op: str | None = None
+             ) -> Callable[[pd.DataFrame], Iterator[tuple[dict[str, int], int]]]:
+    """Shapes read straight off the op rows' columns, of the rows of ``op`` only if given."""
+    def shapes(rows: pd.DataFrame) -> Iterator[tuple[dict[str, int], int]]:
+        for r in rows.itertuples():
+            if op is None or r.op == op:
+                yield {d: int(getattr(r, d)) for d in dims}, int(r.count)
+
+    return shapes
 
 
 def _log2(v: float) -> float:
@@ -176,6 +197,16 @@ def _attention_space() -> dict[str, list]:
     return CPU_SPACE
 
 
+def _attention_shapes(rows: pd.DataFrame) -> Iterator[tuple[dict[str, int], int]]:
+    # The varlen rows only: a prefix row (a chunk over its sequence's earlier keys) takes
+    # the config tuned for its bucket, if any, else the default.
+    for r in rows.itertuples():
+        if r.op == "varlen":
+            seqlens = [int(x) for x in r.seqlens]
+            yield ({"tokens": sum(seqlens), "max_len": max(seqlens), "heads": int(r.heads),
+                    "kv_heads": int(r.kv_heads), "head_dim": int(r.head_dim)}, int(r.count))
+
+
 def _attention_make(shape: dict, dtype: torch.dtype, gen: torch.Generator) -> tuple:
     t, h, hk, d = shape["tokens"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     q, k, v = (torch.randn(t, n, d, generator=gen).to(dtype).requires_grad_() for n in (h, hk, hk))
@@ -204,15 +235,25 @@ def _attention_features(shape: dict, cfg: dict) -> dict[str, float]:
 
 
 KERNELS: dict[str, KernelSpec] = {
-    "matmul": KernelSpec("matmul", "gemm", "kernels.matmul", ("m", "k", "n"), _matmul_space,
-                         _matmul_make, _matmul_run, _matmul_features),
-    "rmsnorm": KernelSpec("rmsnorm", "norm", "kernels.rmsnorm", ("tokens", "width"),
-                          _rmsnorm_space, _rmsnorm_make, _rmsnorm_run, _rmsnorm_features),
-    "linear_ce": KernelSpec("linear_ce", "loss", "kernels.linear_ce",
-                            ("tokens", "hidden", "vocab"), _lce_space, _lce_make, _lce_run,
-                            _lce_features, _lce_workspace),
-    "attention": KernelSpec("attention", "attention", "kernels.attention_blocked",
-                            ("tokens", "max_len", "heads", "kv_heads", "head_dim"),
-                            _attention_space, _attention_make, _attention_run,
-                            _attention_features),
+    "matmul": KernelSpec(
+        "matmul", "gemm", "kernels.matmul", ("m", "k", "n"),
+        default={"block_m": 128, "block_n": 128, "block_k": 128}, space=_matmul_space,
+        shapes=_columns(("m", "k", "n")), make=_matmul_make, run=_matmul_run,
+        features=_matmul_features),
+    "rmsnorm": KernelSpec(
+        "rmsnorm", "norm", "kernels.rmsnorm", ("tokens", "width"),
+        default={"block_rows": 256}, space=_rmsnorm_space,
+        shapes=_columns(("tokens", "width"), op="rms_norm"), make=_rmsnorm_make,
+        run=_rmsnorm_run, features=_rmsnorm_features),
+    "linear_ce": KernelSpec(
+        "linear_ce", "loss", "kernels.linear_ce", ("tokens", "hidden", "vocab"),
+        default={"chunk_tokens": 1024}, space=_lce_space,
+        shapes=_columns(("tokens", "hidden", "vocab")), make=_lce_make, run=_lce_run,
+        features=_lce_features, workspace=_lce_workspace),
+    "attention": KernelSpec(
+        "attention", "attention", "kernels.attention_blocked",
+        ("tokens", "max_len", "heads", "kv_heads", "head_dim"),
+        default={"block_q": 64, "block_k": 64}, space=_attention_space,
+        shapes=_attention_shapes, make=_attention_make, run=_attention_run,
+        features=_attention_features),
 }

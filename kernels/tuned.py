@@ -7,18 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kernels.cache import TuningCache
+from kernels.registry import KERNELS
 
-__all__ = ["DEFAULTS", "KernelChooser", "activate", "config", "default_cache_path"]
-
-# Middle-of-the-space configs: sane before any tuning.
-DEFAULTS: dict[str, dict[str, int]] = {
-    "linear_ce": {"chunk_tokens": 1024},
-    "rmsnorm": {"block_rows": 256},
-    "attention": {"block_q": 64, "block_k": 64},
-    "matmul": {"block_m": 128, "block_n": 128, "block_k": 128},
-}
-MODULES = {"linear_ce": "kernels.linear_ce", "rmsnorm": "kernels.rmsnorm",
-           "attention": "kernels.attention_blocked", "matmul": "kernels.matmul"}
+__all__ = ["KernelChooser", "activate", "config", "default_cache_path"]
 
 
 def default_cache_path(device: str = "cpu") -> Path:
@@ -64,10 +55,11 @@ class KernelChooser:
     def config(self, kernel: str, shape: dict[str, int]) -> dict[str, int]:
         key = (kernel, tuple(sorted(shape.items())))
         if key not in self._memo:
+            spec = KERNELS[kernel]
             got = self.pinned.get(kernel)
             if got is None and self.cache is not None:
-                got = self.cache.get(kernel, shape, self.dtype, module=MODULES[kernel])
-            self._memo[key] = dict(got if got is not None else DEFAULTS[kernel])
+                got = self.cache.get(kernel, shape, self.dtype, module=spec.module)
+            self._memo[key] = dict(got if got is not None else spec.default)
         return self._memo[key]
 
 
@@ -84,5 +76,5 @@ def activate(chooser: KernelChooser | None) -> None:
 def config(kernel: str, shape: dict[str, int]) -> dict[str, int]:
     """The active run's config for ``kernel`` at ``shape``, else the kernel's default."""
     if _ACTIVE is None:
-        return dict(DEFAULTS[kernel])
+        return dict(KERNELS[kernel].default)
     return _ACTIVE.config(kernel, shape)

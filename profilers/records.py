@@ -11,7 +11,7 @@ import json
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Fingerprint", "Measurement", "Status"]
 
@@ -81,9 +81,35 @@ class Measurement(BaseModel):
     model_tflops_per_step: float | None = None
     energy_j: float | None = None
     energy_per_token_j: float | None = None
+    canary_s: float | None = Field(default=None, description="the canary matmul's time around "
+                                   "the timed steps (CPU only)")
+    canary_ref_s: float | None = Field(default=None, description="the canary's time at the "
+                                       "machine's reference speed")
     extra: dict[str, float | int | str | list[Any] | None] = Field(default_factory=dict)
     fingerprint: Fingerprint | None = None
     log_tail: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canary_out_of_extra(cls, data: Any) -> Any:
+        """Records stored before the canary had fields of its own (measurement tables,
+        metrics.json files, study attributes) hold it in ``extra``."""
+        if not isinstance(data, dict) or not isinstance(data.get("extra"), dict):
+            return data
+        extra = dict(data["extra"])
+        moved = {k: extra.pop(k) for k in ("canary_s", "canary_ref_s") if k in extra}
+        return {**moved, **data, "extra": extra} if moved else data
+
+    @property
+    def drift(self) -> float:
+        """How much slower the machine ran than its reference speed while this was measured:
+        a shared host's speed drifts by 10-20% over minutes, so measurements taken at
+        different times meet only once scaled to the reference speed by the canary matmul
+        timed around them (a step time divided by this, a throughput multiplied). 1.0 where
+        no canary was timed (GPUs, failed trials)."""
+        if self.canary_s and self.canary_ref_s:
+            return self.canary_s / self.canary_ref_s
+        return 1.0
 
     def to_json_dict(self) -> dict[str, Any]:
         """The record as JSON-ready builtins (enums as strings); ``model_validate`` reads it."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autotune.report import md_table
+from autotune.markdown import md_table
 
 __all__ = ["host_line", "md_table"]
 

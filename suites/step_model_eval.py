@@ -15,7 +15,6 @@ residual; and the per-family / global / prior ablation on held-out profile cases
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from autotune.config import RunConfig
 from autotune.predict import complete_ceilings
 from cost_models.bundle import StepModels
 from cost_models.fit import evaluate, fit_all, kernel_choice
+from profilers.records import Measurement
 from profilers.store import ProfileStore, atomic_write_text
 from suites._report import host_line, md_table
 
@@ -37,9 +37,8 @@ def _noise(paths: list[str]) -> str:
     raw = pd.concat(frames, ignore_index=True)
     raw = raw[raw.status == "COMPLETE"]
     raw["key"] = [RunConfig.model_validate_json(j).model_dump_json() for j in raw.config_json]
-    extra = [json.loads(j).get("extra") or {} for j in raw.measurement_json]
-    raw["drift"] = [e["canary_s"] / e["canary_ref_s"] if e.get("canary_s") else np.nan
-                    for e in extra]
+    measurements = [Measurement.model_validate_json(j) for j in raw.measurement_json]
+    raw["drift"] = [m.drift if m.canary_s else np.nan for m in measurements]
     raw["scaled"] = raw.tokens_per_s * raw.drift
     lines = []
     for col, what in (("tokens_per_s", "as measured"), ("scaled", "at reference speed (canary)")):

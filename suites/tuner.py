@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from autotune.config import RunConfig, SearchSpace, Workload
-from autotune.search import config_key
+from autotune.tune.study import config_key
 from profilers.progress import progress
 
 # The tuner's knobs at a size one CPU host measures exhaustively in about an hour: 132
@@ -87,11 +87,13 @@ def baseline_bests(name: str, space: list[RunConfig], source, budget: int,  # no
     once per seed (once for the deterministic DeepSpeed-style search)."""
     import numpy as np
 
-    from autotune.baselines import Measurer, run_baseline
+    from autotune.tune.sources import Recorded
+    from autotune.tune.strategies import Context, drive, make
 
     found = []
     for seed in range(seeds if name != "deepspeed-style" else 1):
-        trials = run_baseline(name, space, Measurer(source, budget, {}), user, seed=seed)
+        strategy = make(name, Context(space, user=user, seed=seed, budget=budget))
+        trials = drive(strategy, Recorded.measuring(source), budget=budget)
         found.append(max([float(t.measurement.tokens_per_s or 0) for t in trials if t.ok]
                          or [0.0]))
     return np.array(found)
@@ -122,10 +124,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from autotune.baselines import BASELINES
     from autotune.config import dump_yaml
     from autotune.portfolio import baseline_configs
-    from autotune.search import ReplaySource
+    from autotune.tune.sources import ReplaySource
+    from autotune.tune.strategies import BASELINES
     from suites._report import host_line
 
     out = Path(args.out)

@@ -7,15 +7,11 @@ import itertools
 
 import optuna
 
-from autotune.baselines import (
-    Measurer,
-    SpaceEncoding,
-    deepspeed_style,
-    random_search,
-    tpe_search,
-)
-from autotune.config import RunConfig, SearchSpace, Workload
-from autotune.search import config_key
+from autotune.config import POLICY_KNOBS, SCHEDULE_KNOBS, RunConfig, SearchSpace, Workload
+from autotune.propose import SpaceEncoding
+from autotune.tune.sources import Recorded
+from autotune.tune.strategies import Context, drive, make
+from autotune.tune.study import Trial, config_key
 from profilers.records import Measurement
 
 WORKLOAD = {
@@ -45,7 +41,7 @@ class Machine:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, rc: RunConfig, n: int) -> Measurement:
+    def __call__(self, rc: RunConfig, workdir: object = None, **_: object) -> Measurement:
         self.calls.append(config_key(rc))
         tps = 50.0
         if (rc.schedule.policy == "pad-batch" and rc.parallel.dp == 2
@@ -54,6 +50,12 @@ class Machine:
         if tps is None:
             return Measurement(status="OOM", reason="out of memory")
         return Measurement(status="COMPLETE", tokens_per_s=tps, step_time_s=1.0)
+
+
+def _search(name: str, cands: list[RunConfig], measure: Recorded, budget: int, *,
+            seed: int = 0) -> list[Trial]:
+    ctx = Context(cands, user=_user(cands), seed=seed, budget=budget)
+    return drive(make(name, ctx), measure, budget=budget)
 
 
 def _user(cands: list[RunConfig]) -> RunConfig:
@@ -65,7 +67,7 @@ def _user(cands: list[RunConfig]) -> RunConfig:
 def test_deepspeed_style_binary_searches_the_micro_batch_per_stage() -> None:
     cands = _candidates()
     machine = Machine()
-    trials = deepspeed_style(cands, Measurer(machine, budget=20, cache={}), _user(cands))
+    trials = _search("deepspeed-style", cands, Recorded.measuring(machine), 20)
     got = [(t.rc.parallel.zero_stage, t.rc.schedule.micro_batch_size) for t in trials]
     # by hand: stage 0 over [1, 2, 4, 8]: mid 2 runs, mid 4 runs, 8 is OOM -> largest 4;
     # 2 is then no 5% gain, stop. Stage 3: 2, 4, 8 all run -> largest 8; 4 gains nothing.
@@ -78,20 +80,21 @@ def test_deepspeed_style_binary_searches_the_micro_batch_per_stage() -> None:
 
 def test_deepspeed_style_stops_at_its_budget() -> None:
     cands = _candidates()
-    trials = deepspeed_style(cands, Measurer(Machine(), budget=4, cache={}), _user(cands))
+    trials = _search("deepspeed-style", cands, Recorded.measuring(Machine()), 4)
     assert len(trials) == 4
 
 
 def test_strategies_share_measurements_but_count_their_own() -> None:
     cands = _candidates()
-    machine, cache = Machine(), {}
-    first = random_search(cands, Measurer(machine, budget=12, cache=cache), seed=1)
-    second = random_search(cands, Measurer(machine, budget=12, cache=cache), seed=1)
+    machine = Machine()
+    shared = Recorded.measuring(machine)
+    first = _search("random", cands, shared, 12, seed=1)
+    second = _search("random", cands, shared, 12, seed=1)
     assert len(first) == len(second) == 12
     assert len(machine.calls) == 12  # the second strategy's picks were all measured already
-    third = random_search(cands, Measurer(machine, budget=12, cache=cache), seed=2)
+    third = _search("random", cands, shared, 12, seed=2)
     assert len(third) == 12 and len({config_key(t.rc) for t in third}) == 12
-    assert len(machine.calls) == len(set(machine.calls)) == len(cache)
+    assert len(machine.calls) == len(set(machine.calls)) == len(shared.known)
 
 
 def test_every_candidate_is_one_set_of_optuna_parameters() -> None:
@@ -106,8 +109,7 @@ def test_every_candidate_is_one_set_of_optuna_parameters() -> None:
         params = dict(zip(["policy", *names], combo, strict=True))
         if params["layout"].startswith("dp1-"):
             params.pop("zero_stage")
-        for k in {"micro_batch_size", "micro_batch_tokens", "chunk_size", "chunkflow_k"} - set(
-                SearchSpace._policy_knobs(params["policy"])):
+        for k in set(SCHEDULE_KNOBS) - set(POLICY_KNOBS[params["policy"]]):
             params.pop(k, None)
         rc = enc.suggest(optuna.trial.FixedTrial(params))
         if rc is not None:
@@ -136,7 +138,7 @@ def test_tpe_spends_its_budget_on_distinct_valid_configs_and_is_repeatable() -> 
     runs = []
     for _ in range(2):
         machine = Machine()
-        trials = tpe_search(cands, Measurer(machine, budget=15, cache={}), seed=3)
+        trials = _search("tpe-measured", cands, Recorded.measuring(machine), 15, seed=3)
         assert len(trials) == 15 == len(set(machine.calls))
         assert all(t.rc in cands for t in trials)
         runs.append([config_key(t.rc) for t in trials])

@@ -78,7 +78,7 @@ def test_cpu_baselines_stay_plain_data_parallelism() -> None:
 def test_gpu_baselines_and_suite_contenders_are_predicted_to_fit() -> None:
     from autotune.cli.predict_cmd import load_models
     from autotune.predict import StepPredictor, fits_in_memory
-    from autotune.search import MEMORY_MARGIN
+    from autotune.tune.strategies import MEMORY_MARGIN
     from suites.bench import CONTENDERS, contender_config, contender_fits, load_suite
 
     suite, _ = load_suite("h100x8-llama3-8b-longsft")
@@ -97,7 +97,7 @@ def test_gpu_baselines_and_suite_contenders_are_predicted_to_fit() -> None:
 
 
 def test_default_budget_scales_with_the_predicted_step() -> None:
-    from autotune.cli.run_cmd import DEFAULT_BUDGET_S, TRIAL_START_S, default_budget_s
+    from autotune.tune.run import DEFAULT_BUDGET_S, TRIAL_START_S, default_budget_s
 
     wl = _wl()
     cap = wl.budget.memory_cap_gb * 2**30

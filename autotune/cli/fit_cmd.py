@@ -56,12 +56,30 @@ def _complete_ceilings(store, dtypes: list[str], device: str) -> None:  # noqa: 
               f"{', '.join(added)} on this machine into {store.root}", file=sys.stderr)
 
 
+def _held_out(store) -> dict:  # noqa: ANN001 - ProfileStore
+    """The family models and the kernel choice judged on held-out cases, printed."""
+    from cost_models.fit import evaluate, kernel_choice
+
+    fam = evaluate(store)
+    print("op families, held-out cases (split by case, never by rows):")
+    if len(fam):
+        print(fam.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    else:  # a short or stopped profile: its few cases may all have fallen in training
+        print("none held out yet: the profile has too few cases to judge the models on")
+    choice = kernel_choice(store)
+    if len(choice):
+        print("\nkernel choice on held-out instances (top1: share where the pick is the fastest;"
+              " top1_score: fastest time / picked time):")
+        print(choice.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return {"families": fam.to_dict("records"), "kernel_choice": choice.to_dict("records")}
+
+
 def run(args: argparse.Namespace) -> int:
     from autotune.calibrate import fit_calibration, load_measurements, step_accuracy
+    from autotune.markdown import md_table
     from autotune.predict import complete_ceilings
-    from autotune.report import md_table
     from cost_models.bundle import StepModels
-    from cost_models.fit import evaluate, fit_all, fit_rankers, kernel_choice, profiled_dtypes
+    from cost_models.fit import fit_all, fit_rankers, profiled_dtypes
     from profilers.store import ProfileStore, StoreError, atomic_write_text
 
     try:
@@ -83,19 +101,7 @@ def run(args: argparse.Namespace) -> int:
     models = StepModels(store.fingerprint_key, device, ceilings, families, fits,
                         rankers=fit_rankers(store))
 
-    fam = evaluate(store)
-    report: dict = {"families": fam.to_dict("records")}
-    print("op families, held-out cases (split by case, never by rows):")
-    if len(fam):
-        print(fam.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    else:  # a short or stopped profile: its few cases may all have fallen in training
-        print("none held out yet: the profile has too few cases to judge the models on")
-    choice = kernel_choice(store)
-    report["kernel_choice"] = choice.to_dict("records")
-    if len(choice):
-        print("\nkernel choice on held-out instances (top1: share where the pick is the fastest;"
-              " top1_score: fastest time / picked time):")
-        print(choice.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    report = _held_out(store)
     if table is not None:
         prior = StepModels(store.fingerprint_key, device, ceilings, {}, fits)
         steps, per_config = step_accuracy(prior, models, table, args.folds)

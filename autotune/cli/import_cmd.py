@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from autotune.cli._common import load_workload
     from autotune.config import dump_yaml, save_yaml
 
-    imported = IMPORTERS[args.fmt](Path(args.file), load_workload(args.workload))
+    imported = IMPORTERS[args.fmt](Path(args.file), load_workload(args.workload)[0])
     notes = "".join(f"{args.file}: {n}\n" for n in imported.notes)
     if args.out is None:
         sys.stdout.write(dump_yaml(imported.runconfig))

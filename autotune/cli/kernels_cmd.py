@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from autotune.cli._common import load_workload, positive_float
 from autotune.errors import UserError
-from profilers.progress import progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,29 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _configs_of(workload_arg: str):  # noqa: ANN202
     """The RunConfigs whose shapes are tuned: the user's, or the baseline portfolio's."""
-    import yaml
-
-    from autotune.config import RunConfig, load_yaml
     from autotune.portfolio import baseline_configs
 
-    path = Path(workload_arg)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        try:
-            keys = set(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError:
-            keys = set()
-        if keys & {"schedule", "parallel", "kernels"}:
-            return [load_yaml(RunConfig, path)]
-    return baseline_configs(load_workload(workload_arg))
+    wl, user = load_workload(workload_arg)
+    return [user] if user is not None else baseline_configs(wl)
 
 
 def tune(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from autotune import __version__
-    from autotune.kernel_tune import bench, family_tune, measurement_limit, workload_shapes
-    from kernels.cache import CacheMismatch, TuningCache, shape_bucket
+    from autotune.kernel_tune import tune_kernels
+    from kernels.cache import CacheMismatch, TuningCache
     from kernels.registry import KERNELS
     from kernels.tuned import default_cache_path
     from profilers.fingerprint import current_fingerprint
@@ -80,63 +65,8 @@ def tune(args: argparse.Namespace) -> int:
                                  if hasattr(fp, "model_dump_json") else {})
     except CacheMismatch as exc:
         raise UserError(str(exc)) from None
-    # one shape per cache bucket: what the trainer will look up
-    buckets: dict[str, dict[str, dict]] = {k: {} for k in wanted}
-    for rc in rcs:
-        for k, found in workload_shapes(rc).items():
-            for s in found if k in buckets else []:
-                buckets[k].setdefault(shape_bucket(s), s)
-    shapes = {k: list(b.values()) for k, b in buckets.items()}
-    dtype_name = args.dtype or rcs[0].precision.dtype
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    summary = {}
-    failed: list[dict] = []
-    for name in wanted:
-        spec, todo = KERNELS[name], shapes[name]
-        if not todo:
-            continue
-        cfgs = spec.configs()
-        inputs: dict[int, tuple] = {}
-        itemsize = 2 if dtype == torch.bfloat16 else 4
-        allowed = np.array([spec.admissible(shape, cfgs, itemsize=itemsize,
-                                            min_memory_cut=args.min_memory_cut) for shape in todo])
-        bar = progress(total=measurement_limit(allowed, args.budget), desc=f"tuning {name}",
-                       unit="pair")
-
-        def measure(s: int, c: int, spec=spec, todo=todo, cfgs=cfgs, inputs=inputs,  # noqa: ANN001
-                    bar=bar, name=name) -> float:
-            if s not in inputs:
-                inputs.clear()  # one shape's inputs alive at a time
-                inputs[s] = spec.make(todo[s], dtype, torch.Generator().manual_seed(s))
-            bar.update()
-            try:
-                return bench(lambda: spec.run(inputs[s], cfgs[c]))
-            except Exception as exc:  # noqa: BLE001 - a config that fails is a result
-                # Out of memory or of a resource the config asks too much of (shared memory,
-                # registers): slowest of all to the tuner, said in the summary, never picked.
-                failed.append({"kernel": name, "shape": todo[s], "config": cfgs[c],
-                               "error": f"{type(exc).__name__}: "
-                                        f"{(str(exc).splitlines() or [''])[0][:200]}"})
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                return math.inf
-
-        result = family_tune(todo, cfgs, measure, features=spec.features, budget=args.budget,
-                             allowed=allowed)
-        bar.close()
-        for s, shape in enumerate(todo):
-            if not math.isfinite(result.seconds[s]):
-                continue  # every config tried failed: the kernel's default stays
-            cache.put(name, shape, dtype_name, cfgs[result.best[s]], module=spec.module,
-                      seconds=result.seconds[s],
-                      measured=sum(1 for (t, _) in result.measured if t == s))
-        cache.save()  # after each kernel: a crash loses at most the kernel being tuned
-        summary[name] = {"shapes": len(todo), "configs": len(cfgs),
-                         "measured_pairs": result.n_measured,
-                         "tuned": [{"shape": sh, "config": cfgs[result.best[s]],
-                                    "seconds": result.seconds[s]} for s, sh in enumerate(todo)
-                                   if math.isfinite(result.seconds[s])],
-                         "failed": [f for f in failed if f["kernel"] == name]}
+    summary = tune_kernels(rcs, wanted, cache, dtype_name=args.dtype or rcs[0].precision.dtype,
+                           budget=args.budget, min_memory_cut=args.min_memory_cut)
     if args.json:
         print(json.dumps({"cache": str(path), "kernels": summary}, indent=2))
         return 0

@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated families ({', '.join(FAMILIES)}); default the op "
                         f"families, collective only when named")
     p.add_argument("--workload", default="tiny",
-                   help=f"workload whose shapes are swept: a YAML file or a preset "
-                        f"({', '.join(WORKLOAD_PRESETS)}); default tiny")
+                   help=f"workload whose shapes are swept: a Workload YAML, a RunConfig YAML (its "
+                        f"workload) or a preset ({', '.join(WORKLOAD_PRESETS)}); default tiny")
     p.add_argument("--space", help="search-space YAML whose candidates set the shapes "
                                    "(default: the built-in search space)")
     p.add_argument("--budget-s", type=float, help="stop after this many seconds; re-running "
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         from autotune.config import SearchSpace, load_yaml
         from autotune.profile_grid import op_cases
 
-        workload = load_workload(args.workload)
+        workload = load_workload(args.workload)[0]
         space = load_yaml(SearchSpace, args.space) if args.space else SearchSpace()
         cases = op_cases(workload, space, op_families)
         dtypes = list(space.dtype)

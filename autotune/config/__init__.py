@@ -4,6 +4,8 @@ from autotune.config._model import MODEL_PRESETS, ModelDims, ModelSpec
 from autotune.config._runconfig import (
     PADDED_POLICIES,
     POLICIES,
+    POLICY_KNOBS,
+    SCHEDULE_KNOBS,
     CheckpointConfig,
     KernelsConfig,
     OptimizerConfig,
@@ -18,9 +20,9 @@ from autotune.config._workload import DATA_PRESETS, BudgetSpec, DataSpec, Hardwa
 from autotune.config._yaml import dump_yaml, load_yaml, parse_config, save_yaml
 
 __all__ = [
-    "DATA_PRESETS", "MODEL_PRESETS", "PADDED_POLICIES", "POLICIES", "BudgetSpec",
-    "CheckpointConfig", "DataSpec", "HardwareSpec", "KernelsConfig", "ModelDims", "ModelSpec",
-    "OptimizerConfig",
-    "ParallelConfig", "PrecisionConfig", "RunConfig", "ScheduleConfig", "SearchSpace", "Workload",
+    "DATA_PRESETS", "MODEL_PRESETS", "PADDED_POLICIES", "POLICIES", "POLICY_KNOBS",
+    "SCHEDULE_KNOBS", "BudgetSpec", "CheckpointConfig", "DataSpec", "HardwareSpec",
+    "KernelsConfig", "ModelDims", "ModelSpec", "OptimizerConfig", "ParallelConfig",
+    "PrecisionConfig", "RunConfig", "ScheduleConfig", "SearchSpace", "Workload",
     "dump_yaml", "load_yaml", "parse_config", "rule_violations", "save_yaml",
 ]

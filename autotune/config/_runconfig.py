@@ -9,14 +9,28 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from autotune.config._workload import Workload
 
 __all__ = [
-    "POLICIES", "CheckpointConfig", "KernelsConfig", "OptimizerConfig", "ParallelConfig",
-    "PrecisionConfig",
-    "RunConfig", "ScheduleConfig", "rule_violations",
+    "PADDED_POLICIES", "POLICIES", "POLICY_KNOBS", "SCHEDULE_KNOBS", "CheckpointConfig",
+    "KernelsConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RunConfig",
+    "ScheduleConfig", "rule_violations",
 ]
 
 Policy = Literal["pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull"]
-POLICIES: tuple[str, ...] = ("pad-max", "pad-batch", "sorted", "pack", "chunkflow", "skrull")
-PADDED_POLICIES = frozenset({"pad-max", "pad-batch", "sorted"})
+# The schedule knobs each scheduling policy reads, the one declaration that the search space,
+# labels and exports derive from: a knob a policy ignores is held at one value instead of
+# searched. Kept beside the schema rather than on the policy classes, which import the
+# config; tests/data/test_policies.py checks each entry against what its policy plans.
+POLICY_KNOBS: dict[str, tuple[str, ...]] = {
+    "pad-max": ("micro_batch_size",),
+    "pad-batch": ("micro_batch_size",),
+    "sorted": ("micro_batch_size",),
+    "pack": ("micro_batch_tokens",),
+    "chunkflow": ("micro_batch_tokens", "chunk_size", "chunkflow_k"),
+    "skrull": ("micro_batch_tokens",),
+}
+POLICIES: tuple[str, ...] = tuple(POLICY_KNOBS)
+SCHEDULE_KNOBS: tuple[str, ...] = tuple(dict.fromkeys(k for ks in POLICY_KNOBS.values() for k in ks))
+# Padding policies batch a count of sequences; the others fill a token budget.
+PADDED_POLICIES = frozenset(p for p, ks in POLICY_KNOBS.items() if "micro_batch_size" in ks)
 # Knob types a SearchSpace's choices share with the RunConfig fields they fill.
 ZeroStage = Annotated[int, Field(ge=0, le=3)]
 CheckpointPolicy = Literal["none", "full", "selective", "adaptive"]
@@ -197,12 +211,13 @@ class RunConfig(BaseModel):
 
     def label(self) -> str:
         s, p = self.schedule, self.parallel
+        knobs = POLICY_KNOBS[s.policy]
         parts = [s.policy]
-        if s.policy == "chunkflow":
+        if "chunk_size" in knobs:
             parts.append(f"cs{s.chunk_size}-k{s.chunkflow_k}")
-        if s.policy in PADDED_POLICIES:
+        if "micro_batch_size" in knobs:
             parts.append(f"mbs{s.micro_batch_size}")
-        else:
+        if "micro_batch_tokens" in knobs:
             parts.append(f"mbt{s.micro_batch_tokens}")
         if p.world_size > 1:
             parts.append(f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero_stage}")

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from autotune.config._runconfig import (
-    PADDED_POLICIES,
     POLICIES,
+    POLICY_KNOBS,
+    SCHEDULE_KNOBS,
     AttentionKernel,
     CheckpointPolicy,
     CompileMode,
@@ -152,7 +153,7 @@ class SearchSpace(BaseModel):
         """Why ``rc`` is outside this space, or an empty list."""
         s = rc.schedule
         checks = {
-            "policy": s.policy, **{k: getattr(s, k) for k in self._policy_knobs(s.policy)},
+            "policy": s.policy, **{k: getattr(s, k) for k in POLICY_KNOBS[s.policy]},
             "checkpointing": rc.checkpointing.policy,
             "attention": rc.kernels.attention, "loss": rc.kernels.loss,
             "norm": rc.kernels.norm, "dtype": rc.precision.dtype, "compile": rc.compile,
@@ -169,9 +170,9 @@ class SearchSpace(BaseModel):
     def grid(self, workload: Workload) -> Iterator[RunConfig]:
         """Every valid RunConfig of the space, in a stable order. Knobs a policy ignores are
         held at their first choice, so no config appears twice."""
-        ignored_default = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS}
+        ignored_default = {k: getattr(self, k)[0] for k in SCHEDULE_KNOBS}
         for policy in self.policy:
-            knobs = self._policy_knobs(policy)
+            knobs = POLICY_KNOBS[policy]
             for values in itertools.product(*(getattr(self, k) for k in knobs)):
                 sched = {**ignored_default, **dict(zip(knobs, values, strict=True)),
                          "policy": policy}
@@ -198,21 +199,9 @@ class SearchSpace(BaseModel):
     def canonical(self, rc: RunConfig) -> RunConfig:
         """``rc`` spelled as ``grid`` spells it: the schedule knobs its policy ignores held
         at their first choice, so an equivalent config compares equal."""
-        keep = self._policy_knobs(rc.schedule.policy)
-        ignored = {k: getattr(self, k)[0] for k in _SCHEDULE_KNOBS if k not in keep}
+        keep = POLICY_KNOBS[rc.schedule.policy]
+        ignored = {k: getattr(self, k)[0] for k in SCHEDULE_KNOBS if k not in keep}
         update = {"schedule": rc.schedule.model_copy(update=ignored)}
         if rc.parallel.dp * rc.parallel.cp == 1:
             update["parallel"] = rc.parallel.model_copy(update={"zero_stage": 0})
         return rc.model_copy(update=update)
-
-    @staticmethod
-    def _policy_knobs(policy: str) -> tuple[str, ...]:
-        """The schedule knobs that ``policy`` reads."""
-        if policy in PADDED_POLICIES:
-            return ("micro_batch_size",)
-        if policy == "chunkflow":
-            return ("micro_batch_tokens", "chunk_size", "chunkflow_k")
-        return ("micro_batch_tokens",)
-
-
-_SCHEDULE_KNOBS = ("chunk_size", "chunkflow_k", "micro_batch_tokens", "micro_batch_size")

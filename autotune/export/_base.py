@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from autotune.config import PADDED_POLICIES, RunConfig
+from autotune.config import POLICY_KNOBS, RunConfig
 from autotune.export._facts import Facts
 
 __all__ = ["EXPORTERS", "ExportResult", "Exporter", "Mapping", "Unmapped", "live_knobs"]
@@ -44,12 +44,7 @@ def live_knobs(rc: RunConfig) -> dict[str, Any]:
     so an export is never blamed for dropping a setting that does nothing."""
     s, p, ck, k, o = rc.schedule, rc.parallel, rc.checkpointing, rc.kernels, rc.optimizer
     knobs: dict[str, Any] = {"schedule.policy": s.policy}
-    if s.policy in PADDED_POLICIES:
-        knobs["schedule.micro_batch_size"] = s.micro_batch_size
-    else:
-        knobs["schedule.micro_batch_tokens"] = s.micro_batch_tokens
-    if s.policy == "chunkflow":
-        knobs |= {"schedule.chunk_size": s.chunk_size, "schedule.chunkflow_k": s.chunkflow_k}
+    knobs |= {f"schedule.{name}": getattr(s, name) for name in POLICY_KNOBS[s.policy]}
     knobs["workload.budget.global_batch_tokens"] = rc.workload.budget.global_batch_tokens
     knobs |= {f"parallel.{d}": getattr(p, d) for d in ("dp", "tp", "pp", "cp")}
     if p.cp > 1:

@@ -5,7 +5,6 @@ the tuned config's cost breakdown and the workload's sequence lengths."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,23 +14,17 @@ from pydantic import ValidationError
 from autotune.config import RunConfig, Workload, load_yaml
 from autotune.errors import UserError
 from autotune.reports._figures import Figure, Report, axes, figure_markdown, length_histogram, to_png
+from autotune.tune.study import Trial
 from profilers.records import Measurement, Status
 
 __all__ = ["FIGURES_HEADING", "RunRecord", "run_report"]
 
-# The tuner's modules (search, calibrate, propose, data) are imported where they are used:
+# The tuner's modules (strategies, calibrate, propose, data) are imported where they are used:
 # they load torch, which a bench report never needs.
 
 # `autotune report` owns report.md from this heading on: run again, it replaces its own
 # section instead of adding a second one, and the run's text above stays as the run wrote it.
 FIGURES_HEADING = "## Figures"
-
-
-@dataclass(frozen=True, slots=True)
-class RunTrial:
-    n: int
-    label: str
-    measurement: Measurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +38,12 @@ class RunRecord:
 
     path: Path
     text: str
-    trials: list[RunTrial]
+    trials: list[Trial]
     predicted: dict[int, float] | None
     predicted_missing: str
     lengths: np.ndarray | None
     lengths_missing: str
+    cost_breakdown: dict | None
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
@@ -65,10 +59,10 @@ class RunRecord:
         predicted, predicted_missing = _predictions(path)
         lengths, lengths_missing = _lengths(path)
         return cls(path, text, trials, predicted, predicted_missing, lengths,
-                   lengths_missing)
+                   lengths_missing, summary.get("cost_breakdown"))
 
 
-def _trials(path: Path, measured: int | None) -> list[RunTrial]:
+def _trials(path: Path, measured: int | None) -> list[Trial]:
     out = []
     for d in sorted(path.glob("trials/*")):
         if not d.name.isdigit() or not (d / "metrics.json").is_file():
@@ -76,27 +70,27 @@ def _trials(path: Path, measured: int | None) -> list[RunTrial]:
         n = int(d.name)
         if measured is not None and n >= measured:
             continue
-        label = load_yaml(RunConfig, d / "config.yaml").label()
+        rc = load_yaml(RunConfig, d / "config.yaml")
         try:
             m = Measurement.model_validate_json((d / "metrics.json").read_text(encoding="utf-8"))
         except ValidationError as exc:
             raise UserError(f"{d / 'metrics.json'}: not a measurement "
                             f"({exc.errors()[0]['msg']})") from None
-        out.append(RunTrial(n, label, m))
+        out.append(Trial(n, rc, m))
     return sorted(out, key=lambda t: t.n)
 
 
 def _predictions(path: Path) -> tuple[dict[int, float] | None, str]:
     """Each trial's predicted tokens/s, at the machine's reference speed, from the run's
     Optuna study: the one place a run keeps them."""
-    from autotune.search import TrialLog
+    from autotune.tune.study import Study
 
     db = path / "study.db"
     if not db.is_file():
         return None, ("the run directory has no study.db (the predictions live in the run's "
                       "Optuna study; this run kept it elsewhere with --storage).")
     try:
-        trials = TrialLog(f"sqlite:///{db.resolve()}").trials()
+        trials = Study(f"sqlite:///{db.resolve()}").trials()
     except UserError as exc:
         return None, f"study.db could not be read: {exc}"
     return {t.n: t.predicted_tokens_per_s for t in trials if t.predicted_tokens_per_s}, ""
@@ -117,9 +111,7 @@ def _lengths(path: Path) -> tuple[np.ndarray | None, str]:
 def _measured_at_reference(m: Measurement) -> float | None:
     """Measured tokens/s scaled to the machine's reference speed, as the run's own
     predicted-against-measured table scales it (predictions are made at that speed)."""
-    from autotune.calibrate import canary_drift
-
-    return m.tokens_per_s * canary_drift(m.extra) if m.tokens_per_s else None
+    return m.tokens_per_s * m.drift if m.tokens_per_s else None
 
 
 def _predicted_vs_measured(r: RunRecord) -> Figure:
@@ -190,7 +182,7 @@ def _pareto(r: RunRecord) -> Figure:
         # Labels point inwards (and alternate above and below: neighbours on a front sit
         # close) so that none leaves the axes and squeezes the plot to make room for it.
         right = mib[i] > mid
-        ax.annotate(done[i].label, (mib[i], tps[i]), textcoords="offset points",
+        ax.annotate(done[i].rc.label(), (mib[i], tps[i]), textcoords="offset points",
                     xytext=(-6 if right else 6, -12 if k % 2 else 6),
                     ha="right" if right else "left", fontsize="x-small")
     ax.margins(y=0.12)  # room for the labels of the highest and lowest points
@@ -202,44 +194,23 @@ def _pareto(r: RunRecord) -> Figure:
     return Figure(name, title, alt, png=to_png(fig))
 
 
-def _section_table(text: str, heading: str) -> list[list[str]]:
-    """The cells of the first markdown table under ``heading`` (header row first, the
-    alignment row dropped); none when the section or its table is absent."""
-    match = re.search(rf"^{re.escape(heading)}$", text, re.MULTILINE)
-    rows: list[list[str]] = []
-    for line in text[match.end():].splitlines() if match else []:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-:") for c in cells):
-                rows.append(cells)
-        elif rows or line.startswith("#"):
-            break
-    return rows
-
-
 def _cost_breakdown(r: RunRecord) -> Figure:
     """The tuned config's predicted seconds per step by part, beside the baseline's (trial
-    0), as the run's report tabulates them (priced with the run's own models)."""
+    0), as the run priced them with its own models (summary.json's ``cost_breakdown``)."""
     name, title = "cost_breakdown", "Cost breakdown of the tuned config"
-    rows = _section_table(r.text, "## Cost breakdown of the tuned config")
-    # Part rows come first; the bold predicted-step total closes them.
-    end = next((i for i, row in enumerate(rows) if row[0].startswith("**")), len(rows))
-    parts = rows[1:end]
-    try:
-        values = np.array([[float(c) for c in row[1:]] for row in parts])
-    except ValueError:
-        values = np.empty((0, 0))
-    if not parts or values.shape[1] != len(rows[0]) - 1:
+    data = r.cost_breakdown
+    if not data or not data.get("parts"):
         return Figure(name, title, "cost breakdown of the tuned config",
-                      missing="the run's report.md has no cost breakdown of a tuned config "
-                              "(no candidate completed, or the report predates it).")
-    configs = [c.strip("`") for c in rows[0][1:]]
+                      missing="the run's summary.json has no cost breakdown of a tuned config "
+                              "(no candidate completed, or the run predates it).")
+    configs, parts = data["configs"], list(data["parts"])
+    values = np.array([data["parts"][k] for k in parts], dtype=float)
     fig, ax = axes()
     y, h = np.arange(len(parts)), 0.8 / len(configs)
     for j, c in enumerate(configs):
         ax.barh(y + (j - (len(configs) - 1) / 2) * h, values[:, j], height=h, color=f"C{j}",
                 label=f"{c} ({'tuned' if j == 0 else 'baseline, trial 0'})")
-    ax.set_yticks(y, [row[0] for row in parts])
+    ax.set_yticks(y, parts)
     ax.invert_yaxis()
     ax.set(xlabel="seconds per optimizer step (predicted by the step model)",
            title="Where the step time goes")
@@ -258,7 +229,7 @@ def run_report(r: RunRecord) -> Report:
     figures = [_predicted_vs_measured(r), _search_history(r), _pareto(r), _cost_breakdown(r),
                _lengths_figure(r)]
     text = (r.text + f"\n{FIGURES_HEADING}\n\nDrawn by `autotune report` from this directory's "
-            "trials/, study.db, workload.yaml and the tables above.\n\n"
+            "trials/, study.db, workload.yaml and summary.json.\n\n"
             + "\n".join(figure_markdown(f) for f in figures))
     title = next((line[2:] for line in r.text.splitlines() if line.startswith("# ")),
                  "autotune run report")

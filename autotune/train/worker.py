@@ -175,12 +175,6 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
     sched = [r.schedule_s for r in results]
     est = np.array([r.rank_flops for r in results])  # steps x dp ranks
     extra |= mfu_extra | {
-        # the machine's speed around the timed steps against its reference speed: what
-        # scales a step to the reference speed when steps measured at different times meet
-        # (CPU only: nothing on a GPU is scaled by a canary)
-        **({"canary_s": float(np.mean(canary)),
-            "canary_ref_s": canary_reference(kind, current_fingerprint(kind, __version__).key())}
-           if kind == "cpu" else {}),
         "tokens_per_step": tokens / steps,
         "padded_tokens_per_step": sum(r.padded_tokens for r in results) / steps,
         "padding_fraction": 1 - tokens / sum(r.padded_tokens for r in results),
@@ -203,13 +197,18 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
             "rank_compute_s": replica_s,
             "rank_estimated_flops": est.mean(0).tolist(),
         }
+    fingerprint = current_fingerprint(kind, __version__)
+    # The machine's speed around the timed steps against its reference speed (CPU only:
+    # nothing on a GPU is scaled by a canary).
+    canary_s, canary_ref_s = ((float(np.mean(canary)), canary_reference(kind, fingerprint.key()))
+                              if kind == "cpu" else (None, None))
     return Measurement(
         status=Status.COMPLETE, tokens_per_s=tokens / sum(samples), step_time_s=stats.median,
         step_time_iqr_s=stats.iqr, step_times_s=samples, warmup_steps=warmup, timed_steps=steps,
         peak_mem_bytes=max(g[0] for g in gathered), peak_rss_bytes=max(g[1] for g in gathered),
         mfu=mfu, mfu_peak_source=source, model_tflops_per_step=flops / steps / 1e12,
-        energy_j=energy, energy_per_token_j=energy_per_token(energy, tokens), extra=extra,
-        fingerprint=current_fingerprint(kind, __version__))
+        energy_j=energy, energy_per_token_j=energy_per_token(energy, tokens),
+        canary_s=canary_s, canary_ref_s=canary_ref_s, extra=extra, fingerprint=fingerprint)
 
 
 def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: int,

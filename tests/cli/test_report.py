@@ -200,9 +200,18 @@ def test_absent_data_becomes_a_sentence(bench: Path, run: tuple[Path, str], tmp_
     shutil.rmtree(r / "trials")
     assert main(["report", str(r)]) == 0
     report = (r / "report.md").read_text()
-    assert report.count("*Not drawn: ") == 4  # all but the cost breakdown, which report.md holds
+    assert report.count("*Not drawn: ") == 4  # all but the cost breakdown: summary.json holds it
     assert "*Not drawn: the run directory has no workload.yaml.*" in report
     assert (r / "report.html").read_text().count("<img ") == 1
+    # The figures are drawn from data, never from the markdown the run wrote.
+    summary = json.loads((r / "summary.json").read_text())
+    del summary["cost_breakdown"]
+    (r / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(r)]) == 0
+    report = (r / "report.md").read_text()
+    assert "## Cost breakdown of the tuned config" in report  # the run's own text stays
+    assert report.count("*Not drawn: ") == 5
+    assert "summary.json has no cost breakdown" in report
 
 
 def _listing(root: Path) -> dict[str, float]:

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from autotune.cli import main
-from autotune.config import RunConfig, SearchSpace, Workload
+from autotune.config import RunConfig, SearchSpace, Workload, load_yaml
 from autotune.predict import StepPredictor
-from autotune.search import TrialLog
+from autotune.tune.rundir import RunDir
+from autotune.tune.study import Study
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
 from profilers.records import Measurement
@@ -57,7 +58,7 @@ def test_run_on_replay_hands_back_the_best_measured(setup, capsys: pytest.Captur
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["measured_trials"] == 8
-    trials = TrialLog(f"sqlite:///{Path('run1/study.db').resolve()}").trials()
+    trials = Study(f"sqlite:///{Path('run1/study.db').resolve()}").trials()
     assert all(t.ok for t in trials)  # the baseline too: spelled as the space spells it
     measured = max(t.measurement.tokens_per_s for t in trials)
     assert out["tokens_per_s"] == pytest.approx(measured)
@@ -80,8 +81,8 @@ def test_same_seed_and_recorded_measurements_give_the_identical_tuned_config(
                      "--seed", seed, "--baselines", "--budget-trials", "6", "--json"]) == 0
         capsys.readouterr()
         storage = f"sqlite:///{Path(out, 'study.db').resolve()}"
-        runs.append(([t.rc.model_dump_json() for t in TrialLog(storage).trials()],
-                     [t.rc.model_dump_json() for t in TrialLog(storage, "baselines").trials()],
+        runs.append(([t.rc.model_dump_json() for t in Study(storage).trials()],
+                     [t.rc.model_dump_json() for t in Study(storage, "baselines").trials()],
                      Path(out, "tuned.yaml").read_bytes()))
     assert runs[0] == runs[1]
     assert len(runs[0][0]) == 6 and runs[0][1]
@@ -103,18 +104,22 @@ def test_baselines_run_at_the_tuners_budget_and_resume_repeats_nothing(
         assert 1 <= b["measurements"] <= 6, name
         assert b["tokens_per_s"] == pytest.approx(truth[b["config"]])  # a measured figure
     storage = f"sqlite:///{Path('run3/study.db').resolve()}"
-    base = TrialLog(storage, study_name="baselines").trials()
-    tuned = TrialLog(storage).trials()
+    base = Study(storage, "baselines").trials()
+    tuned = Study(storage).trials()
     keys = [t.rc.model_dump_json() for t in base + tuned]
     assert len(keys) == len(set(keys))  # no config measured twice across strategies
-    assert len({t.n for t in base + tuned}) == len(keys)  # one trials/<n> folder each
+    folders = [RunDir(Path("run3")).trial_path(t.n, study) for study, ts in
+               (("baselines", base), ("measured", tuned)) for t in ts]
+    assert len(set(folders)) == len(keys)  # one folder each, holding its own config
+    assert all(load_yaml(RunConfig, f / "config.yaml").model_dump_json() == t.rc.model_dump_json()
+               for f, t in zip(folders, base + tuned, strict=True))
     report = Path("run3/report.md").read_text()
     assert "same measurement budget" in report and "Cost breakdown" in report
     assert main(argv) == 0  # the same command again: everything answered from the study
     again = json.loads(capsys.readouterr().out)
     assert again["baselines"] == out["baselines"]
-    assert len(TrialLog(storage, study_name="baselines").trials()) == len(base)
-    assert len(TrialLog(storage).trials()) == len(tuned)
+    assert len(Study(storage, "baselines").trials()) == len(base)
+    assert len(Study(storage).trials()) == len(tuned)
 
 
 def test_pareto_mode_reports_the_measured_front(setup, capsys: pytest.CaptureFixture) -> None:
@@ -123,7 +128,7 @@ def test_pareto_mode_reports_the_measured_front(setup, capsys: pytest.CaptureFix
                  "--budget-trials", "6", "--pareto", "--predicted-trials", "400", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["measured_trials"] == 6
-    trials = [t for t in TrialLog(f"sqlite:///{Path('run4/study.db').resolve()}").trials() if t.ok]
+    trials = [t for t in Study(f"sqlite:///{Path('run4/study.db').resolve()}").trials() if t.ok]
     report = Path("run4/report.md").read_text()
     section = report.split("## Throughput / memory Pareto front (measured)")[1].split("##")[0]
     listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}

@@ -17,7 +17,6 @@ from cost_models.family import ModelMismatch
 from cost_models.features import Ceilings
 from cost_models.step import (
     MEMORY_FEATURES,
-    STEP_TERMS,
     MemoryModel,
     ResidualModel,
     alpha_beta,
@@ -121,18 +120,39 @@ def test_alpha_beta_falls_back_to_scaled_then_nominal_figures() -> None:
     assert alpha_beta("all_reduce", 1, fits) == (0.0, 0.0, "none")
 
 
-def test_memory_model_recovers_known_coefficients() -> None:
-    """Peaks generated from known per-feature coefficients and overhead (with the argmax
-    unit depending on them) are recovered to 1%."""
+def _peak_by_hand(units: pd.DataFrame, coef: dict, overhead: float) -> pd.Series:
+    """A config's peak as an allocator would show it, written without the model: each unit's
+    bytes feature by feature, rounded up to the 2 MiB segments the caching allocator hands
+    out (a step the linear model cannot express), the largest unit per config."""
+    out = {}
+    for config, group in units.groupby("config"):
+        best = 0.0
+        for _, unit in group.iterrows():
+            total = overhead
+            for name in MEMORY_FEATURES:
+                total += coef[name] * unit[name]
+            best = max(best, np.ceil(total / 2**21) * 2**21)
+        out[config] = best
+    return pd.Series(out)
+
+
+def test_memory_model_fits_noisy_peaks_of_an_independent_formula() -> None:
+    """Peaks from a formula of their own (``_peak_by_hand``: allocator segments included)
+    with 3% log-normal noise: the fit predicts held-out configs' peaks within 10% (median
+    within 4%), and the two largest coefficients come back within 10%."""
     rng = np.random.default_rng(0)
     true = dict(zip(MEMORY_FEATURES, (1.0, 1.0, 1.6, 1.0, 0.7, 2.5, 1.2, 0.5)))
-    units = pd.DataFrame(rng.uniform(0, 1e8, (400, len(MEMORY_FEATURES))), columns=MEMORY_FEATURES)
-    units["config"] = np.repeat(np.arange(80), 5)
-    truth = MemoryModel("fp", true, 3e7).peak(units)
-    fitted = MemoryModel.fit(units, truth, "fp")
-    pred = fitted.peak(units)
-    assert np.max(np.abs(pred - truth) / truth) < 0.01
-    assert fitted.n_measurements == 80
+    units = pd.DataFrame(rng.uniform(0, 1e8, (600, len(MEMORY_FEATURES))), columns=MEMORY_FEATURES)
+    units["config"] = np.repeat(np.arange(120), 5)
+    truth = _peak_by_hand(units, true, 3e7) * rng.lognormal(0, 0.03, 120)
+    train = truth.index % 4 != 0
+    fitted = MemoryModel.fit(units[units.config.isin(truth.index[train])], truth[train], "fp")
+    assert fitted.n_measurements == train.sum()
+    held = truth.index[~train]
+    err = np.abs(fitted.peak(units[units.config.isin(held)]) / truth[held] - 1)
+    assert err.max() < 0.10 and err.median() < 0.04, err.describe()
+    for name in ("attention_scores", "activations"):
+        assert fitted.coef[name] == pytest.approx(true[name], rel=0.10), name
 
 
 def _configs() -> list[RunConfig]:
@@ -142,20 +162,42 @@ def _configs() -> list[RunConfig]:
             for c in ("none", "full") for d in ("fp32", "bf16")]
 
 
-def test_calibration_recovers_the_terms_of_a_known_step() -> None:
-    """Steps generated as 1.7 x fp32 compute + 9 x bf16 compute + 50 us per op run + 20 ms
-    per step are recovered term by term; held-out configs are then predicted to 1%."""
-    comp, _ = StepPredictor(_models()).compose(_configs())
-    terms = ResidualModel.terms(comp)
-    true = np.array([1.7, 9.0, 5e-5, 0.0, 1.0, 0.02])
-    measured = terms @ true
+def _step_by_hand(rc: RunConfig, tokens: float, padding: float, micro_batches: float,
+                  lengths: np.ndarray) -> float:
+    """A machine's step time written without the step model: the trainer's own FLOP count
+    (autotune.train.flops: matmuls and causal attention over the data's sequences, scaled to
+    the tokens of one step and its padding; x 4/3 when full checkpointing runs the forward
+    again) at 0.6 GFLOP/s in fp32 and 0.15 in bf16 (a host without native bf16), 3 ms per
+    micro-batch and 20 ms per step."""
+    from autotune.train.flops import model_flops
+
+    flops = model_flops(rc.workload.model.resolve(), lengths) * tokens / lengths.sum()
+    flops /= 1 - padding
+    flops *= 4 / 3 if rc.checkpointing.policy == "full" else 1.0
+    speed = 0.15e9 if rc.precision.dtype == "bf16" else 0.6e9
+    return flops / speed + 3e-3 * micro_batches + 0.02
+
+
+def test_calibration_predicts_an_independent_machine() -> None:
+    """Steps of 24 configs from ``_step_by_hand`` with 5% noise: calibrated on three in four,
+    the held-out configs are predicted within 15% (median within 8%), where the uncalibrated
+    prior is off by more than 2x."""
+    from autotune.data import load_lengths
+
+    configs = _configs()
+    comp, _ = StepPredictor(_models()).compose(configs)
+    lengths = load_lengths(configs[0].workload.data, configs[0].workload.model.resolve()).lengths
+    rng = np.random.default_rng(0)
+    measured = np.array([
+        _step_by_hand(rc, row.tokens_per_step, row.padding_fraction,
+                      np.exp(row.log_micro_batches), lengths)
+        for rc, row in zip(configs, comp.itertuples(), strict=True)]) * rng.uniform(0.95, 1.05, len(configs))
     train = np.arange(len(comp)) % 4 != 0
     model = ResidualModel.fit(comp[train], measured[train], "fp", trees=False)
-    np.testing.assert_allclose([model.coef[t] for t in STEP_TERMS if t not in
-                                ("s_per_op_run_tp", "comm_s")],
-                               [1.7, 9.0, 5e-5, 0.02], rtol=1e-3)
-    pred = model.predict(comp[~train])
-    np.testing.assert_allclose(pred, measured[~train], rtol=0.01)
+    err = np.abs(model.predict(comp[~train]) / measured[~train] - 1)
+    assert err.max() < 0.15 and np.median(err) < 0.08, err
+    prior = comp.composed_step_s.to_numpy()[~train] / measured[~train]
+    assert np.median(np.maximum(prior, 1 / prior)) > 2.0
     assert ResidualModel.fit(comp.head(3), measured[:3], "fp").coef is None  # too few: prior
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from autotune.config import RunConfig
+from autotune.config import RunConfig, SearchSpace
 from autotune.data.plan import ChunkGroup, MicroBatch, Segment, StepPlan
+from autotune.profile_grid import op_cases, token_grid
 from autotune.step_ops import step_op_rows
 from cost_models.features import Ceilings
 from cost_models.prior import roofline_time
@@ -66,3 +67,19 @@ def test_breakdown_is_the_counted_sum_of_the_prior() -> None:
     out = compute_breakdown(rows, ceil)
     for fam, frame in rows.items():
         assert out[fam] == pytest.approx(float((roofline_time(frame, ceil) * frame["count"]).sum()))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_profile_grid_measures_every_op_a_step_prices(tp: int) -> None:
+    """A micro-batch of a token count on the grid runs only gemm, norm and loss ops that the
+    profiler measures: the per-family models are never asked about an op they never saw."""
+    rc = _rc(workload={"model": DIMS, "hardware": {"devices_per_node": tp}}, parallel={"tp": tp})
+    space = SearchSpace(tp=[tp])
+    cases = op_cases(rc.workload, space, ("gemm", "norm", "loss"))
+    case_keys = {k for c in cases for k in c}
+    t = token_grid(space)[1]
+    rows = step_op_rows(rc, StepPlan([MicroBatch((Segment(0, 0, t, t),))]))
+    for family in ("gemm", "norm", "loss"):
+        for row in rows[family].to_dict("records"):
+            asked = {k: v for k, v in row.items() if k in case_keys and pd.notna(v)}
+            assert asked in cases, asked

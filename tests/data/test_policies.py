@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 
-from autotune.config import POLICIES, ModelDims, ScheduleConfig
+from autotune.config import (
+    POLICIES,
+    POLICY_KNOBS,
+    SCHEDULE_KNOBS,
+    ModelDims,
+    ScheduleConfig,
+    SearchSpace,
+)
+from autotune.config._runconfig import Policy
 from autotune.data import ChunkGroup, MicroBatch, StepPlan
 from autotune.data.cost import sequence_flops
 from autotune.data.policies import POLICY_CLASSES, best_fit_decreasing
@@ -13,10 +23,44 @@ from autotune.data.policies import POLICY_CLASSES, best_fit_decreasing
 DIMS = ModelDims(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=128)
 
 
+def _policy(policy: str, lengths, **sched):
+    s = ScheduleConfig(policy=policy, **sched)
+    return POLICY_CLASSES[policy](s, DIMS, data_max_len=int(np.max(lengths)))
+
+
 def _plan(policy: str, lengths, **sched) -> StepPlan:
     lengths = np.asarray(lengths, dtype=np.int64)
-    s = ScheduleConfig(policy=policy, **sched)
-    return POLICY_CLASSES[policy](s, DIMS, data_max_len=int(lengths.max())).plan(lengths)
+    return _policy(policy, lengths, **sched).plan(lengths)
+
+
+# The schedule fields the search chooses, besides the policy itself.
+SEARCHED = sorted(set(ScheduleConfig.model_fields) & set(SearchSpace.model_fields) - {"policy"})
+
+
+def test_every_policy_declares_the_schedule_knobs_it_reads() -> None:
+    assert set(POLICY_CLASSES) == set(POLICY_KNOBS) == set(get_args(Policy))
+    assert all(POLICY_KNOBS.values())
+    assert sorted(SCHEDULE_KNOBS) == SEARCHED
+
+
+# Sequences above and below every chunk size below, several micro-batches under every budget:
+# each knob changes the plan of every policy that reads it.
+KNOB_LENGTHS = np.array([300, 40, 700, 90, 120, 1000, 60, 500, 30, 250, 180, 75])
+BASE_KNOBS = {"chunk_size": 256, "chunkflow_k": 1, "micro_batch_tokens": 512, "micro_batch_size": 2}
+OTHER_KNOBS = {"chunk_size": 128, "chunkflow_k": 2, "micro_batch_tokens": 1024, "micro_batch_size": 3}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("knob", SEARCHED)
+def test_a_policy_plans_by_its_declared_knobs_and_no_other(policy: str, knob: str) -> None:
+    """The declaration checked against the planner: changing a declared knob changes the
+    plans (on one rank or split over two), changing any other leaves them as they were."""
+    def plans(**knobs: int) -> list:
+        policy_ = _policy(policy, KNOB_LENGTHS, **knobs)
+        return [p.units for ranks in (1, 2) for p in policy_.plan_ranks(KNOB_LENGTHS, ranks)]
+
+    changed = plans(**BASE_KNOBS | {knob: OTHER_KNOBS[knob]}) != plans(**BASE_KNOBS)
+    assert changed == (knob in POLICY_KNOBS[policy])
 
 
 @pytest.mark.parametrize("policy", POLICIES)

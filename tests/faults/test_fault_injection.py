@@ -5,7 +5,8 @@ Faults injected here (each a real fault in a real process tree, no mocks):
 
 ``test_a_search_survives_a_fault_in_every_trial`` -- one live `autotune run` on 2 CPU ranks
 per trial (torchrun), 8 trials, a different fault armed in six of them (``AUTOTUNE_FAULT``
-with ``trial=N``; the trial folders of trials 5 and 6 are tiny tmpfs mounts):
+with ``trial=N``; the trial folders of trials 5 and 6 are tiny tmpfs mounts, which need
+root: without mount rights the four process faults run alone, with a warning):
 
 =====  ================================================  ===============================
 trial  fault                                             recorded as
@@ -55,6 +56,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,7 +67,7 @@ import yaml
 
 from autotune.config import RunConfig
 from autotune.measure import measure
-from autotune.search import TrialLog
+from autotune.tune.study import Study
 from profilers.records import Status
 
 WORKLOAD = {
@@ -82,6 +84,7 @@ FAULTS = {  # trial -> (AUTOTUNE_FAULT part or folder fault, status, words of th
     5: ("read-only", Status.CRASHED, "Read-only file system"),
     6: ("full", Status.CRASHED, "No space left on device"),
 }
+PROCESS_FAULTS = {n: f for n, f in FAULTS.items() if ":" in f[0]}  # no mount rights needed
 # Safety nets only (see the module docstring). A trial's --timeout where no trial may ever
 # reach it; how long anything (start-up, a trial, a resumed search) may take before the
 # product counts as broken; how long the reaper may take to end a trial whose driver died.
@@ -155,9 +158,7 @@ def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, tmpfs) -> None
                            capture_output=True, text=True, timeout=EVENT_DEADLINE_S)
     healthy_run_s = time.monotonic() - start
     assert first.returncode == 0, first.stderr[-3000:]
-    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs(out / "trials" / "005"))], check=True)
-    tmpfs(out / "trials" / "006")
-    (out / "trials" / "006" / "fill").write_bytes(b"\0" * 64 * 1024)  # every page taken
+    faults = _arm_folder_faults(out, tmpfs)
 
     # --timeout, what the hung trial costs, from this machine's own speed: the run above was
     # start-up, one healthy trial and the report, so a trial alone (healthy, or failing at
@@ -171,27 +172,43 @@ def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, tmpfs) -> None
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    trials = TrialLog(f"sqlite:///{out / 'study.db'}").trials()
+    trials = Study(f"sqlite:///{out / 'study.db'}").trials()
     assert [t.n for t in trials] == list(range(8))  # the search went on after every fault
     survived = 0
     for t in trials:
-        if t.n not in FAULTS:
+        if t.n not in faults:
             assert t.ok, (t.n, t.measurement.reason, t.measurement.log_tail, hang_timeout_s)
             continue
-        spec, status, words = FAULTS[t.n]
+        spec, status, words = faults[t.n]
         m = t.measurement
         assert m.status is status and words in m.reason, (t.n, m.status, m.reason)
         if ":" in spec:  # a process fault: the log says what happened
             assert m.log_tail, (t.n, m.reason)
         survived += 1
-    assert survived == len(FAULTS) == 6
-    assert done.stderr.count("folder not written") == 2  # 5 and 6: said, not fatal
+    assert survived == len(faults)
+    # 5 and 6, when armed: said, not fatal
+    assert done.stderr.count("folder not written") == len(faults) - len(PROCESS_FAULTS)
     tuned = RunConfig.model_validate(yaml.safe_load((out / "tuned.yaml").read_text()))
     best = max((t for t in trials if t.ok), key=lambda t: t.measurement.tokens_per_s)
     assert tuned.model_dump_json() == best.rc.model_dump_json()
     # Each faulty trial left, if not ended, a process that cannot end on its own (the hung
     # rank, or a healthy rank blocked on its dead peer): see ORPHAN_DEADLINE_S.
     assert _wait_no_processes(tmp_path) == []
+
+
+def _arm_folder_faults(out: Path, tmpfs) -> dict:  # noqa: ANN001
+    """Trial 5's folder a read-only file system, trial 6's a full one; the faults armed.
+    Mounting needs root: without the right the process faults still run, and a warning says
+    which faults were left out."""
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(tmpfs(out / "trials" / "005"))],
+                       check=True)
+        tmpfs(out / "trials" / "006")
+    except pytest.skip.Exception as why:
+        warnings.warn(f"folder faults (trials 5 and 6) not armed: {why}", stacklevel=2)
+        return PROCESS_FAULTS
+    (out / "trials" / "006" / "fill").write_bytes(b"\0" * 64 * 1024)  # every page taken
+    return FAULTS
 
 
 def test_a_trial_over_the_memory_cap_is_oom(tmp_path: Path) -> None:
@@ -252,7 +269,7 @@ def test_ten_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path) -> N
     final = _recorded(db)
     assert final[:len(seen)] == seen
     assert len(final) == budget == len(set(final))
-    assert [t.n for t in TrialLog(f"sqlite:///{db}").trials()] == list(range(budget))
+    assert [t.n for t in Study(f"sqlite:///{db}").trials()] == list(range(budget))
     # Healthy trials only in this last run: this says nothing is stuck, the kills above
     # are what test orphans.
     assert _wait_no_processes(tmp_path) == []

@@ -3,6 +3,7 @@ default; a foreign cache is refused at start-up."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from autotune import __version__
 from autotune.config import RunConfig
 from kernels.cache import CacheMismatch, TuningCache
-from kernels.tuned import DEFAULTS, KernelChooser
+from kernels.registry import KERNELS
+from kernels.tuned import KernelChooser
 from profilers.fingerprint import current_fingerprint
 
 SHAPE = {"tokens": 1000, "hidden": 192, "vocab": 2048}
@@ -29,20 +31,22 @@ def _kernels(**kw) -> object:
 
 
 def test_pinned_then_cached_then_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kernels.tuned.MODULES", {"linear_ce": "kernels.cache"})
+    monkeypatch.setitem(KERNELS, "linear_ce",
+                        dataclasses.replace(KERNELS["linear_ce"], module="kernels.cache"))
+    default = KERNELS["linear_ce"].default
     here = current_fingerprint("cpu", __version__).key()
     path = _cache(tmp_path / "c.json", here)
     chooser = KernelChooser.for_run(_kernels(), "fp32", "cpu", path)
     near, far = SHAPE | {"tokens": 900}, SHAPE | {"tokens": 4000}  # same bucket, another one
     assert chooser.config("linear_ce", near) == {"chunk_tokens": 512}
-    assert chooser.config("linear_ce", far) == DEFAULTS["linear_ce"]
+    assert chooser.config("linear_ce", far) == default
     pinned = KernelChooser.for_run(_kernels(configs={"linear_ce": {"chunk_tokens": 64}}), "fp32",
                                    "cpu", path)
     assert pinned.config("linear_ce", SHAPE) == {"chunk_tokens": 64}
     none = KernelChooser.for_run(_kernels(tuning_cache="none"), "fp32", "cpu", path)
-    assert none.config("linear_ce", SHAPE) == DEFAULTS["linear_ce"]
+    assert none.config("linear_ce", SHAPE) == default
     missing = KernelChooser.for_run(_kernels(), "fp32", "cpu", tmp_path / "absent.json")
-    assert missing.config("linear_ce", SHAPE) == DEFAULTS["linear_ce"]
+    assert missing.config("linear_ce", SHAPE) == default
 
 
 def test_a_cache_of_another_device_is_refused(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from autotune.calibrate import canary_drift
+from autotune.calibrate import load_measurements
 from autotune.config import RunConfig
 from autotune.train import worker
 from autotune.train.distributed import ParallelContext
@@ -26,6 +26,7 @@ from profilers import ops, sweep
 from profilers.ceilings import Ceiling
 from profilers.fingerprint import current_fingerprint, threads_tag
 from profilers.ops import canary_reference, canary_time, pool_windows, window_row
+from profilers.records import Measurement
 from profilers.store import ProfileStore
 from profilers.telemetry import Telemetry
 from profilers.timer import StepTimer
@@ -162,10 +163,28 @@ def test_measured_step_records_a_canary_on_cpu_only(kind: str,
     assert m is not None and m.status.value == "COMPLETE" and m.fingerprint is not None
     assert m.fingerprint == current_fingerprint(rc.workload.hardware.device,
                                                 m.fingerprint.package_version)
+    assert not CANARY_KEYS & set(m.extra)
     if kind == "cpu":
-        assert (m.extra["canary_s"], m.extra["canary_ref_s"]) == (3e-3, 2e-3)
-        assert canary_drift(m.extra) == pytest.approx(1.5)
+        assert (m.canary_s, m.canary_ref_s) == (3e-3, 2e-3)
+        assert m.drift == pytest.approx(1.5)
     else:
-        assert not CANARY_KEYS & set(m.extra)
-        assert canary_drift(m.extra) == 1.0
+        assert (m.canary_s, m.canary_ref_s) == (None, None)
+        assert m.drift == 1.0
         assert float(m.extra["mfu_datasheet"]) > 0  # type: ignore[arg-type]  # the rest is there
+
+
+def test_stored_steps_are_scaled_by_their_canary() -> None:
+    """A measurement table written while the canary lived in ``extra`` loads at the
+    reference speed: each step mean divided by its own canary ratio, read here off the raw
+    JSON."""
+    path = Path(__file__).parents[2] / "results" / "step_dataset_canary" / "repeat.parquet"
+    raw = [json.loads(j) for j in pd.read_parquet(path).measurement_json]
+    ratio = [m["extra"]["canary_s"] / m["extra"]["canary_ref_s"] for m in raw]
+    as_measured = [float(np.mean(m["step_times_s"])) for m in raw]
+    assert [Measurement.model_validate(m).drift for m in raw] == pytest.approx(ratio)
+    scaled = load_measurements([path])
+    assert scaled.drift.tolist() == pytest.approx(ratio)
+    assert scaled.step_mean_s.tolist() == pytest.approx([s / r for s, r in zip(as_measured, ratio)])
+    plain = load_measurements([path], scale_drift=False)
+    assert plain.step_mean_s.tolist() == pytest.approx(as_measured)
+    assert set(plain.drift) == {1.0}

@@ -20,7 +20,7 @@ import yaml
 from autotune.cli import main
 from autotune.config import SearchSpace, Workload
 from autotune.predict import StepPredictor
-from autotune.search import TrialLog
+from autotune.tune.study import Study
 from cost_models.bundle import StepModels
 from cost_models.features import Ceilings
 from profilers.records import Measurement
@@ -88,7 +88,7 @@ def test_four_workers_measure_each_candidate_once_and_agree_with_one(
     assert len(single["measured_here"]) == 12
 
     outs = _finish([_spawn(_argv(wl, table, pg_database), delay_s=0.1) for _ in range(4)])
-    trials = TrialLog(pg_database).trials()
+    trials = Study(pg_database).trials()
     keys = [t.rc.model_dump_json() for t in trials]
     assert len(trials) == 12 == len(set(keys))  # every wanted candidate, none twice
     assert all(t.ok for t in trials)
@@ -126,7 +126,7 @@ def test_a_killed_workers_claim_is_released_and_measured_once(setup, pg_database
     assert len(dead) == 1 and dead[0].state is TrialState.FAIL  # released after the grace
     assert "measurement_json" not in dead[0].user_attrs
     assert not [t for t in claims if t.state is TrialState.RUNNING]
-    trials = TrialLog(pg_database).trials()
+    trials = Study(pg_database).trials()
     keys = [t.rc.model_dump_json() for t in trials]
     assert len(trials) == 12 == len(set(keys))  # none lost, none repeated
     assert dead[0].user_attrs["claim"] in keys  # the victim's candidate measured by another
@@ -165,7 +165,7 @@ def test_a_database_gone_mid_run_is_one_line_and_the_study_resumes(
     argv = _argv(wl, table, pg_database, "--heartbeat", "1", "--grace", "2")
     worker = _spawn(argv, delay_s=0.3)
     deadline = time.monotonic() + 60
-    while len(TrialLog(pg_database).trials()) < 3:
+    while len(Study(pg_database).trials()) < 3:
         assert time.monotonic() < deadline and worker.poll() is None, "the worker never measured"
         time.sleep(0.1)
     name = pg_database.rsplit("/", 1)[1]
@@ -185,8 +185,36 @@ def test_a_database_gone_mid_run_is_one_line_and_the_study_resumes(
         with admin.cursor() as cur:
             cur.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
         admin.close()
-    kept = [t.rc.model_dump_json() for t in TrialLog(pg_database).trials()]
+    kept = [t.rc.model_dump_json() for t in Study(pg_database).trials()]
     assert len(kept) >= 3
     _finish([_spawn(argv, delay_s=0.0)])
-    final = [t.rc.model_dump_json() for t in TrialLog(pg_database).trials()]
+    final = [t.rc.model_dump_json() for t in Study(pg_database).trials()]
     assert final[:len(kept)] == kept and len(final) == 12 == len(set(final))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("first", ["run", "worker"])
+def test_run_and_worker_continue_each_others_study(
+        setup, backend: str, first: str, tmp_path: Path, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture) -> None:
+    """`autotune run` and `autotune worker` are two drivers of one study: half the budget
+    measured by one, the other continues to the whole budget, re-measuring nothing."""
+    wl, table = setup
+    storage = (f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite"
+               else request.getfixturevalue("pg_database"))
+    run = ["run", "--workload", str(wl), "--replay", str(table), "--storage", storage,
+           "--confirm", "0", "--json", "--out"]
+    drivers = {"run": lambda k: [*run, str(tmp_path / f"run{k}")],
+               "worker": lambda k: _argv(wl, table, storage)}
+    order = [first, "worker" if first == "run" else "run"]
+    for k, (driver, budget) in enumerate(zip(order, (6, 12), strict=True)):
+        assert main([*drivers[driver](k), "--budget-trials", str(budget)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        if driver == "worker":
+            assert len(out["measured_here"]) == budget - 6 * k
+        else:
+            assert out["measured_trials"] == budget
+        trials = Study(storage).trials()
+        assert len(trials) == budget == len({t.key for t in trials})
+    assert [t.n for t in trials] == list(range(12))
+    assert trials[0].rc.schedule.policy == "pad-batch"  # the untuned baseline, measured once

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autotune.baselines import BASELINES
 from autotune.cli import main as cli
 from autotune.config import dump_yaml
 from autotune.portfolio import baseline_configs
-from autotune.search import ReplaySource
+from autotune.tune.sources import ReplaySource
+from autotune.tune.strategies import BASELINES
 from suites.tuner import ACCEPTANCE_SPACE, _table, baseline_bests
 
 TABLE = Path(__file__).resolve().parents[2] / "results" / "tuner"

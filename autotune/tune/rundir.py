@@ -9,7 +9,7 @@ from pathlib import Path
 
 from autotune.config import RunConfig, Workload, dump_yaml
 from autotune.errors import UserError
-from profilers.records import Measurement
+from autotune.tune.study import Trial
 from profilers.store import atomic_write_text
 
 __all__ = ["RunDir", "validate_name"]
@@ -26,8 +26,9 @@ def validate_name(name: str, what: str = "run name") -> str:
 
 
 class RunDir:
-    """``workload.yaml``, ``tuned.yaml``, ``report.md``, ``summary.json`` and
-    ``trials/<n>/{config.yaml, metrics.json, log.txt}``; every file written atomically."""
+    """``workload.yaml``, ``tuned.yaml``, ``report.md``, ``summary.json``,
+    ``trials/<n>/{config.yaml, metrics.json, log.txt}`` and ``confirm/``; every file
+    written atomically."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -43,23 +44,26 @@ class RunDir:
         path.mkdir(parents=True)
         return cls(path)
 
-    def trial_path(self, n: int) -> Path:
+    def trial_path(self, n: int, study: str = "measured") -> Path:
         """Trial ``n``'s folder, not created: ``measure`` creates it, and a folder it cannot
-        create is that trial's failure, not the run's."""
-        return self.path / "trials" / f"{n:03d}"
+        create is that trial's failure, not the run's. The baselines' trials, numbered in
+        a study of their own, go to ``b<n>``."""
+        return self.path / "trials" / f"{'' if study == 'measured' else study[0]}{n:03d}"
 
-    def trial_dir(self, n: int) -> Path:
-        d = self.trial_path(n)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def confirm_path(self, r: int, finalist: str) -> Path:
+        """Round ``r``'s re-measurement of a finalist, after the search."""
+        return self.path / "confirm" / f"r{r + 1}-{re.sub(r'[^A-Za-z0-9]+', '-', finalist)}"
 
     def write_workload(self, workload: Workload) -> None:
         atomic_write_text(self.path / "workload.yaml", dump_yaml(workload))
 
-    def write_trial(self, n: int, rc: RunConfig, m: Measurement) -> None:
-        d = self.trial_dir(n)
-        atomic_write_text(d / "config.yaml", dump_yaml(rc))
-        atomic_write_text(d / "metrics.json", json.dumps(m.to_json_dict(), indent=2))
+    def write_trial(self, trial: Trial, study: str = "measured") -> None:
+        """The trial's folder copy of what the study holds."""
+        d = self.trial_path(trial.n, study)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "config.yaml", dump_yaml(trial.rc))
+        atomic_write_text(d / "metrics.json",
+                          json.dumps(trial.measurement.to_json_dict(), indent=2))
 
     def write_tuned(self, rc: RunConfig) -> None:
         atomic_write_text(self.path / "tuned.yaml", dump_yaml(rc))

@@ -6,7 +6,7 @@ RUNNING trial whose ``claim`` attribute is the config's key, and it decides what
 while it holds the study's claim lock (a PostgreSQL advisory lock; a file lock for SQLite,
 which is one machine's storage), so no two workers see the same candidate as free. The
 measurement is written into the claiming trial, which becomes COMPLETE or FAIL and holds
-``config_json``/``measurement_json`` as ``TrialLog`` writes them, so ``TrialLog.trials()``
+the study's one encoding of a trial (``autotune.tune.study.encode``), so ``Study.trials()``
 reads a shared study as it reads a single-process one.
 
 A worker beats Optuna's heartbeat while it measures. A claim whose worker died (its
@@ -33,23 +33,15 @@ from pathlib import Path
 
 from autotune.config import RunConfig
 from autotune.errors import UserError
-from autotune.search import Ranker, Trial, config_key
+from autotune.tune.strategies import Strategy
+from autotune.tune.study import Pick, Study, Trial, config_key, decode, encode, open_error, value_of
 from profilers.records import Measurement
 
-__all__ = ["Claim", "Pick", "SharedStudy", "next_pick", "work"]
+__all__ = ["Claim", "SharedStudy", "next_pick", "work"]
 
 log = logging.getLogger(__name__)
 
 CLAIM = "claim"
-
-
-@dataclass(frozen=True, slots=True)
-class Pick:
-    """The candidate a worker should measure next, with what the model predicted for it."""
-
-    rc: RunConfig
-    predicted_tokens_per_s: float | None = None
-    predicted_peak_mem_bytes: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +59,7 @@ class Snapshot:
     running: set[str]  # config keys claimed by a live worker
 
 
-class SharedStudy:
+class SharedStudy(Study):
     """One study in an Optuna RDB storage, shared by every worker that opens it."""
 
     def __init__(self, storage: str, study_name: str = "measured", *, heartbeat_s: int = 10,
@@ -88,8 +80,8 @@ class SharedStudy:
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - any storage failure is bad input here
-            raise UserError(f"--storage {storage}: cannot open the study ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+            raise open_error(storage, exc) from None
+        self.url, self.name = storage, study_name
         self.heartbeat_s = heartbeat_s
         self.worker = f"{socket.gethostname()}-{os.getpid()}"  # who holds a claim, for people
 
@@ -101,11 +93,8 @@ class SharedStudy:
             attrs = t.user_attrs
             if t.state is TrialState.RUNNING and CLAIM in attrs:
                 running.add(attrs[CLAIM])
-            elif "config_json" in attrs:
-                done.append(Trial(int(attrs["n"]), RunConfig.model_validate_json(attrs["config_json"]),
-                                  Measurement.model_validate_json(attrs["measurement_json"]),
-                                  attrs.get("predicted_tokens_per_s"),
-                                  attrs.get("predicted_peak_mem_bytes")))
+            elif (trial := decode(attrs)) is not None:
+                done.append(trial)
         return Snapshot(sorted(done, key=lambda t: t.n), running)
 
     def claim(self, choose: Callable[[Snapshot], Pick | None]) -> Claim | None:
@@ -163,17 +152,11 @@ class SharedStudy:
         pick = claim.pick
         trial = Trial(claim.n, pick.rc, measurement, pick.predicted_tokens_per_s,
                       pick.predicted_peak_mem_bytes)
-        value = measurement.tokens_per_s if trial.ok else None
-        # config_json last: readers take a trial holding it as a whole measurement.
-        attrs = {"n": claim.n, "measurement_json": measurement.model_dump_json(),
-                 "status": measurement.status.value,
-                 "predicted_tokens_per_s": pick.predicted_tokens_per_s,
-                 "predicted_peak_mem_bytes": pick.predicted_peak_mem_bytes,
-                 "config_json": pick.rc.model_dump_json()}
+        value = value_of(trial)
         try:
             if self.storage.get_trial(claim.trial_id).state is not TrialState.RUNNING:
                 return None
-            for attr, setting in attrs.items():
+            for attr, setting in encode(trial).items():
                 self.storage.set_trial_user_attr(claim.trial_id, attr, setting)
             self.storage.set_trial_state_values(
                 claim.trial_id, TrialState.FAIL if value is None else TrialState.COMPLETE,
@@ -233,22 +216,20 @@ def _claim_lock(url: str, study_name: str) -> Callable[[], AbstractContextManage
                     f"(postgresql://...) or, on one machine, an SQLite file")
 
 
-def next_pick(ranker: Ranker, *, budget: int, first: RunConfig | None = None
+def next_pick(strategy: Strategy, *, budget: int, first: RunConfig | None = None
               ) -> Callable[[Snapshot], Pick | None]:
-    """The search's choice for a worker: ``first`` (the untuned baseline) before anything,
-    then the best predicted candidate nobody measured or claimed, until ``budget`` claims."""
+    """The strategy's choice for a worker: ``first`` (the untuned baseline) before anything,
+    then what the strategy asks for that nobody measured or claimed, until ``budget``
+    claims."""
 
     def choose(snap: Snapshot) -> Pick | None:
         if len(snap.done) + len(snap.running) >= budget:
             return None
-        taken = {config_key(t.rc) for t in snap.done} | snap.running
+        taken = {t.key for t in snap.done} | snap.running
         if first is not None and config_key(first) not in taken:
             return Pick(first)
-        picks, tokens, peak = ranker.picks(snap.done, exclude=snap.running)
-        if not picks:
-            return None
-        i = picks[0]
-        return Pick(ranker.candidates[i], float(tokens[i]), float(peak[i]))
+        picks = strategy.ask(snap.done, taken=snap.running)
+        return picks[0] if picks else None
 
     return choose
 
@@ -274,3 +255,35 @@ def work(shared: SharedStudy, choose: Callable[[Snapshot], Pick | None],
             if on_trial is not None:
                 on_trial(trial)
     return mine
+
+
+def join(opts, *, study: str, heartbeat_s: int, grace_s: int | None, out: Path) -> dict:  # noqa: ANN001 - Options
+    """``autotune worker``: this process's share of the study's measurements, chosen by the
+    guided strategy as ``autotune run`` chooses them (the untuned baseline first), until
+    the study's budget is claimed; what it measured and the study's best so far."""
+    from autotune.tune.run import prepare, source_of, workload_of
+    from autotune.tune.rundir import RunDir, validate_name
+    from autotune.tune.strategies import make
+    from autotune.tune.study import storage_errors
+
+    # Study names reach the storage's tables and the reports' folder names alike.
+    validate_name(study, "study name")
+    wl, user = workload_of(opts)
+    source = source_of(opts)
+    # Before the models and the space: a storage out of reach is refused at once.
+    shared = SharedStudy(opts.storage, study, heartbeat_s=heartbeat_s, grace_s=grace_s)
+    setting = prepare(opts, wl, user)
+    budget = opts.budget_trials or wl.budget.trials
+    choose = next_pick(make("guided", setting.context(opts, budget)), budget=budget,
+                       first=setting.baseline)
+    folders = RunDir(out)
+    deadline = time.monotonic() + opts.budget_s if opts.budget_s else None
+    with storage_errors(opts.storage, "the shared study failed"):
+        mine = work(shared, choose, lambda rc, n: source(rc, folders.trial_path(n), tag=str(n)),
+                    deadline=deadline)
+        done = shared.snapshot().done
+    ok = [t for t in done if t.ok and t.measurement.tokens_per_s]
+    best = max(ok, key=lambda t: t.measurement.tokens_per_s or 0.0) if ok else None
+    return {"measured_here": [t.n for t in mine], "study_trials": len(done),
+            "config": best.rc.label() if best else None,
+            "tokens_per_s": best.measurement.tokens_per_s if best else None}

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import bootstrap
 
-__all__ = ["Verdict", "confirm", "finalists", "interval", "section", "verdicts"]
+__all__ = ["Verdict", "confirm", "finalists", "interval", "ratio_interval", "section",
+           "verdicts"]
 
 LEVEL = 0.95
 
@@ -28,6 +29,25 @@ def interval(samples: list[float], *, level: float = LEVEL, seed: int = 0) -> tu
     res = bootstrap((x,), np.median, confidence_level=level, method="percentile",
                     n_resamples=2000, rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def ratio_interval(a: list[float], b: list[float], *,
+                   statistic: Callable[[np.ndarray], float] = np.mean, level: float = LEVEL,
+                   seed: int = 0, resamples: int = 4000) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of statistic(a) / statistic(b), the two resampled
+    independently; None with fewer than two samples on either side. The bounds are order
+    statistics of the resampled ratios, never interpolated (scipy's bootstrap interpolates),
+    so a statistic that is infinite on some resamples (a benchmark run that missed its
+    target) makes an infinite bound instead of a NaN."""
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if len(x) < 2 or len(y) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = np.array([statistic(rng.choice(x, len(x))) / statistic(rng.choice(y, len(y)))
+                       for _ in range(resamples)])
+    tail = (1 - level) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,7 @@ def finalists(ranked: list, baseline: object, baselines: Mapping[str, list] | No
     shots lie within the noise of one measurement (``RUNNER_UP_WITHIN``), the baseline, and
     each --baselines strategy's best. ``ranked``: the search's completed trials, best first
     (anything with ``.rc`` and ``.measurement.tokens_per_s``)."""
-    from autotune.search import config_key
+    from autotune.tune.study import config_key
 
     out: dict[str, object] = {}
     if ranked:

@@ -43,6 +43,7 @@ from autotune.config import RunConfig, Workload, dump_yaml, load_yaml, save_yaml
 from autotune.errors import UserError
 from autotune.launch import Launch
 from autotune.portfolio import Fits, device_defaults, fitting_layout, ladder_fits
+from autotune.tune.verdict import ratio_interval
 from profilers.fingerprint import current_fingerprint
 from profilers.isolation import guarded, run_isolated
 from profilers.records import Status
@@ -185,12 +186,21 @@ def olympic_mean(times: list[float]) -> float | None:
     return None if any(math.isinf(t) for t in kept) else float(np.mean(kept))
 
 
+def _times(runs: list[dict]) -> list[float]:
+    return [r["time_to_train_s"] if r["status"] == "success" else math.inf for r in runs]
+
+
+def _olympic_or_inf(times: np.ndarray) -> float:
+    got = olympic_mean(list(times))
+    return math.inf if got is None else got
+
+
 def score(suite: Suite, results: dict[str, list[dict]]) -> dict:
     """Per contender: runs, successes, olympic mean time to train and the spread, median
     throughput and MFU, and the tuned contender's speedup over it."""
     out: dict[str, dict] = {}
     for name, runs in results.items():
-        times = [r["time_to_train_s"] if r["status"] == "success" else math.inf for r in runs]
+        times = _times(runs)
         ok = [t for t in times if not math.isinf(t)]
         def med(key: str, runs: list[dict] = runs) -> float | None:
             v = [r[key] for r in runs if r.get(key) is not None]
@@ -203,9 +213,16 @@ def score(suite: Suite, results: dict[str, list[dict]]) -> dict:
                      "aborted": sum(r["status"] == "aborted" for r in runs),
                      "failed": sum(r["status"] == "failed" for r in runs)}
     tuned = out.get("tuned", {}).get("olympic_mean_s")
-    for s in out.values():
+    for name, s in out.items():
         s["speedup_of_tuned"] = (s["olympic_mean_s"] / tuned
                                  if tuned and s["olympic_mean_s"] else None)
+        # Runs on a shared machine scatter: the speedup's 95% bootstrap interval, of the
+        # same olympic means over every run (one that missed the target infinitely slow).
+        iv = ratio_interval(_times(results[name]), _times(results["tuned"]),
+                            statistic=_olympic_or_inf) if tuned and s["speedup_of_tuned"] else None
+        # JSON has no infinity: an unbounded upper end is kept as None beside its low end.
+        s["speedup_low"], s["speedup_high"] = (
+            (iv[0], iv[1] if math.isfinite(iv[1]) else None) if iv else (None, None))
     return {"suite": suite.name, "quality_target": suite.quality_target, "runs": suite.runs,
             "tuned": "tuned" if "tuned" in out else None, "contenders": out}
 
@@ -215,7 +232,8 @@ def score(suite: Suite, results: dict[str, list[dict]]) -> dict:
 _SUMMARY_COLUMNS = ["Public ID", "Organization", "Availability", "System", "# of Nodes",
                     "Processor", "Accelerator", "# of Accelerators", "Software"]
 _PROJECT_COLUMNS = ["contender", "runs", "successes", "aborted", "failed", "olympic_mean_s",
-                    "min_s", "max_s", "speedup_of_tuned", "tokens_per_s_median", "mfu_median",
+                    "min_s", "max_s", "speedup_of_tuned", "speedup_low", "speedup_high",
+                    "tokens_per_s_median", "mfu_median",
                     "energy_j_median"]
 
 

@@ -27,7 +27,7 @@ def _fmt(v: float | None, spec: str, none: str = "-") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autotune.rundir import validate_name
+    from autotune.tune.rundir import validate_name
     from suites.bench import load_suite, run_suite
 
     if args.out:  # before any work: '..' would spread the runs into the parent folder
@@ -45,15 +45,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"suite {suite.name}: target eval loss {suite.target}, {suite.runs} runs per "
               f"contender, time limit {suite.time_limit_s:g} s")
         print(f"{'contender':<12} {'ok':>5} {'olympic mean s':>15} {'min-max s':>15} "
-              f"{'tuned speedup':>14} {'tokens/s':>10}")
+              f"{'tuned speedup (95% interval)':>29} {'tokens/s':>10}")
         for name, s in scores["contenders"].items():
             spread = (f"{s['min_s']:.1f}-{s['max_s']:.1f}" if s["min_s"] is not None else "-")
             print(f"{name:<12} {s['successes']:>2}/{s['runs']:<2} "
                   f"{_fmt(s['olympic_mean_s'], '.1f', 'no score'):>15} {spread:>15} "
-                  f"{_fmt(s['speedup_of_tuned'], '.2f'):>13}x {_fmt(s['tokens_per_s_median'], ',.0f'):>10}")
+                  f"{_speedup(s):>29} {_fmt(s['tokens_per_s_median'], ',.0f'):>10}")
         print(f"bench directory: {out} (autotune report {out})")
     if failed:
         print("runs failed (crash, timeout or a log failing the compliance check): "
               + ", ".join(f"{n} x{k}" for n, k in failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _speedup(s: dict) -> str:
+    if s["speedup_of_tuned"] is None:
+        return "-"
+    low, high = s.get("speedup_low"), s.get("speedup_high")
+    iv = "" if low is None else f" ({low:.2f}-{high:.2f})" if high is not None else f" (>= {low:.2f})"
+    return f"{s['speedup_of_tuned']:.2f}x{iv}"

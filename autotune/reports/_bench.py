@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from autotune.config import load_yaml, parse_config
 from autotune.errors import UserError
-from autotune.report import md_table
+from autotune.markdown import md_table
 from autotune.reports._figures import Figure, Report, axes, figure_markdown, length_histogram, to_png
 
 __all__ = ["BenchDir", "bench_report"]
@@ -72,6 +72,9 @@ class ContenderScore(_Read):
     mfu_median: float | None
     energy_j_median: float | None
     speedup_of_tuned: float | None
+    # 95% bootstrap interval of the speedup; absent in scores written before it was kept
+    speedup_low: float | None = None
+    speedup_high: float | None = None
 
 
 class Scores(_Read):
@@ -284,11 +287,20 @@ def _scores_table(b: BenchDir) -> str:
             "runs": s.runs, "successes": s.successes,
             "olympic mean time to train (s)": _fmt(s.olympic_mean_s, ",.1f"),
             "min–max (s)": spread, f"speedup of `{tuned}`": _fmt(s.speedup_of_tuned, ".2f", "x"),
+            "95% interval": _interval(s.speedup_low, s.speedup_high),
             "tokens/s (median)": _fmt(s.tokens_per_s_median, ",.0f"),
             "MFU (median)": _fmt(s.mfu_median, ".1%"), "energy (median)": energy}
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "contender"
     return md_table(df)
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    """The speedup's interval; no upper end where resampled runs missing the target make it
+    unbounded."""
+    if low is None:
+        return "-"
+    return f"{low:.2f}–{high:.2f}x" if high is not None else f"≥ {low:.2f}x"
 
 
 def _problems(b: BenchDir) -> list[str]:

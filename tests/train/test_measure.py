@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from autotune.cli import main
 from autotune.config import RunConfig, save_yaml
 from autotune.measure import measure
 from autotune.train.flops import model_flops
-from profilers.records import Status
+from profilers.records import Measurement, Status
 
 TINY = {
     "workload": {
@@ -30,8 +31,17 @@ def _rc(**budget) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def test_complete_measurement_is_consistent(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Measurement, float, Path]:
+    """One healthy trial, with the seconds it took here, whole: start-up included."""
+    tmp_path = tmp_path_factory.mktemp("healthy")
+    start = time.monotonic()
     m = measure(_rc(), steps=3, warmup=1, workdir=tmp_path)
+    return m, time.monotonic() - start, tmp_path
+
+
+def test_complete_measurement_is_consistent(healthy: tuple[Measurement, float, Path]) -> None:
+    m, _, tmp_path = healthy
     assert m.status is Status.COMPLETE, m.reason + m.log_tail
     assert len(m.step_times_s) == 3 and m.step_time_s == float(np.median(m.step_times_s))
     tokens = m.extra["tokens_per_step"] * 3
@@ -62,9 +72,14 @@ def test_memory_cap_becomes_oom(tmp_path: Path) -> None:
     assert "cap" in m.reason
 
 
-def test_hang_becomes_timeout(tmp_path: Path) -> None:
-    m = measure(_rc(), steps=1, warmup=0, timeout_s=0.5, workdir=tmp_path)
-    assert m.status is Status.TIMEOUT
+def test_hang_becomes_timeout(healthy: tuple[Measurement, float, Path], tmp_path: Path) -> None:
+    """A real hang (the trainer's fault hook stalls rank 0 at its first step), under a limit
+    twice what a healthy trial of four steps took here: only the hang can outlast it."""
+    done, took_s, _ = healthy
+    assert done.status is Status.COMPLETE, done.reason + done.log_tail
+    m = measure(_rc(), steps=1, warmup=0, timeout_s=2 * took_s, workdir=tmp_path,
+                env={"AUTOTUNE_FAULT": "hang:rank=0:step=1"})
+    assert m.status is Status.TIMEOUT, m.reason
 
 
 def test_measure_cli_json_has_the_contract_keys(tmp_path: Path, capsys) -> None:

@@ -23,7 +23,7 @@ class Status(str, Enum):
     OOM = "OOM"
     TIMEOUT = "TIMEOUT"
     CRASHED = "CRASHED"
-    INVALID = "INVALID"
+    INVALID = "INVALID"  # the trainer refused the config before its first step
 
 
 class Fingerprint(BaseModel):

@@ -20,6 +20,7 @@ import torch
 
 from autotune import __version__
 from autotune.config import RunConfig, load_yaml
+from autotune.errors import UserError
 from autotune.train.distributed import (
     ParallelContext,
     init_parallel,
@@ -265,6 +266,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc) for t in _OOM_TEXT)
 
 
+def _record_failure(args: argparse.Namespace, rc: RunConfig, status: Status, reason: str) -> None:
+    m = Measurement(status=status, reason=reason[:300], warmup_steps=args.warmup,
+                    fingerprint=current_fingerprint(rc.workload.hardware.device, __version__))
+    if args.out:
+        atomic_write_text(Path(args.out), m.model_dump_json(indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autotune.train.worker")
     parser.add_argument("config")
@@ -295,15 +303,21 @@ def main(argv: list[str] | None = None) -> int:
                 dump_params(trainer, Path(args.dump_params), ctx)
         results_written(ctx)
     except Exception as exc:
+        if args.mode == "measure" and isinstance(exc, UserError):
+            # The trainer refused the config before its first step (a foreign kernel tuning
+            # cache, a combination only the build can see): the config, not the process,
+            # failed. Every rank refuses alike; rank 0 records it, and the group still ends.
+            if ctx.rank == 0:
+                _record_failure(args, rc, Status.INVALID, str(exc))
+            if ctx.distributed:
+                raise
+            return 0
         # A single process reports its own OOM; among many ranks the others would wait for
         # it forever, so the failure propagates and the launcher tears the group down.
         if ctx.distributed or args.mode != "measure" or not _is_oom(exc):
             raise
-        m = Measurement(status=Status.OOM, reason=f"{type(exc).__name__}: "
-                        f"{(str(exc).splitlines() or [''])[0]}"[:300], warmup_steps=args.warmup,
-                        fingerprint=current_fingerprint(rc.workload.hardware.device, __version__))
-        if args.out:
-            atomic_write_text(Path(args.out), m.model_dump_json(indent=2))
+        _record_failure(args, rc, Status.OOM,
+                        f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
     finally:
         shutdown_parallel(ctx)
     return 0

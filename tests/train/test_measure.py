@@ -113,3 +113,20 @@ def test_a_rank_dying_in_teardown_after_the_result_keeps_the_measurement(
     m = measure(rc, steps=1, warmup=1, workdir=tmp_path)
     assert m.status is Status.COMPLETE and m.tokens_per_s == 123.0
     assert "SIGABRT" in m.extra["teardown_error"] and m.log_tail == "terminate"
+
+
+def test_a_config_the_trainer_refuses_is_invalid(tmp_path: Path) -> None:
+    """A tuning cache from another device is refused by the trainer at start-up: the trial
+    is INVALID with the trainer's reason, not a crash."""
+    from kernels.cache import TuningCache
+
+    cache = tmp_path / "foreign.json"
+    foreign = TuningCache.load(cache, "another-device")
+    foreign.put("linear_ce", {"tokens": 512, "hidden": 32, "vocab": 64}, "fp32",
+                {"chunk_tokens": 512}, module="kernels.cache", seconds=1e-3, measured=3)
+    foreign.save()
+    rc = _rc().model_copy(update={"kernels": _rc().kernels.model_copy(
+        update={"tuning_cache": str(cache)})})
+    m = measure(rc, steps=1, warmup=0, workdir=tmp_path / "trial")
+    assert m.status is Status.INVALID, (m.status, m.reason, m.log_tail)
+    assert "another-device" in m.reason

@@ -55,11 +55,14 @@ from cost_models.step import (
     alpha_beta,
     family_seconds,
 )
+from profilers.families import STEP_FAMILIES
 
 __all__ = ["StepPredictor", "complete_ceilings", "datasheet_models", "default_models",
            "fits_in_memory", "prior_models"]
 
-_FAMILIES = ("gemm", "attention", "norm", "loss")
+_FAMILIES = STEP_FAMILIES  # the composition's column order
+
+
 @dataclass(frozen=True)
 class PlanKey:
     """What a config's plans depend on: the data, the model, the global batch, the

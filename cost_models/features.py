@@ -16,22 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profilers.families import _causal_pairs
+from profilers.families import FAMILY, _causal_pairs
 
 __all__ = ["FEATURE_VERSION", "Ceilings", "family_features", "feature_names"]
 
 FEATURE_VERSION = 2  # 2: the attention kernel (impl) is a feature
 
-_DIMS = {
-    "gemm": ("m", "n", "k"),
-    "attention": ("heads", "kv_heads", "head_dim"),
-    "norm": ("tokens", "width"),
-    "loss": ("tokens", "hidden", "vocab"),
-    "optimizer": ("numel", "tensors"),
-}
 _PASS = {"fwd": 0, "bwd": 1, "step": 2}
 _DTYPE = {"fp32": 0, "bf16": 1}
-_NORM_OPS = ("rms_norm", "rope", "swiglu", "add")
 _IMPL = {"sdpa": 0, "eager": 1, "blocked": 2, "triton": 3, "varlen": 4, "flex": 5}
 
 
@@ -63,17 +55,16 @@ class Ceilings:
 
 
 def feature_names(family: str) -> list[str]:
-    names = [f"log2_{d}" for d in _DIMS[family]]
+    fam = FAMILY[family]
+    names = [f"log2_{d}" for d in fam.dims]
     names += ["log2_flops", "log2_bytes", "intensity", "dtype", "pass", "log2_peak_flops",
               "log2_bandwidth"]
-    if family in ("gemm", "attention", "norm", "loss"):
+    if fam.aligned:
         names += ["align16", "align64"]
     if family == "attention":
         names += ["log2_tokens", "n_seqs", "log2_max_len", "log2_prefix", "log2_pairs", "prefix_op",
                   "impl"]
-    if family == "norm":
-        names += [f"op_{op}" for op in _NORM_OPS]
-    return names
+    return names + [f"op_{op}" for op in fam.ops]
 
 
 def _log2(x: pd.Series | np.ndarray) -> np.ndarray:
@@ -83,8 +74,9 @@ def _log2(x: pd.Series | np.ndarray) -> np.ndarray:
 def family_features(family: str, rows: pd.DataFrame, ceilings: Ceilings) -> pd.DataFrame:
     """The feature matrix of ``rows`` (profile rows or shapes to predict, with the case
     columns and ``flops``/``bytes``), columns in ``feature_names(family)`` order."""
+    fam = FAMILY[family]
     f = pd.DataFrame(index=rows.index)
-    for d in _DIMS[family]:
+    for d in fam.dims:
         f[f"log2_{d}"] = _log2(rows[d])
     f["log2_flops"] = _log2(rows["flops"])
     f["log2_bytes"] = _log2(rows["bytes"])
@@ -93,8 +85,8 @@ def family_features(family: str, rows: pd.DataFrame, ceilings: Ceilings) -> pd.D
     f["pass"] = rows["pass"].map(_PASS).to_numpy(float)
     f["log2_peak_flops"] = _log2(ceilings.peak(rows["dtype"]))
     f["log2_bandwidth"] = np.log2(ceilings.bytes_per_s)
-    if family in ("gemm", "attention", "norm", "loss"):
-        dims = rows[list(_DIMS[family])].to_numpy(dtype=np.int64)
+    if fam.aligned:
+        dims = rows[list(fam.dims)].to_numpy(dtype=np.int64)
         f["align16"] = (dims % 16 == 0).all(axis=1).astype(float)
         f["align64"] = (dims % 64 == 0).all(axis=1).astype(float)
     if family == "attention":
@@ -108,7 +100,6 @@ def family_features(family: str, rows: pd.DataFrame, ceilings: Ceilings) -> pd.D
         f["prefix_op"] = (rows["op"] == "prefix").to_numpy(float)
         impl = rows["impl"] if "impl" in rows else pd.Series("sdpa", rows.index)
         f["impl"] = impl.map(_IMPL).to_numpy(float)
-    if family == "norm":
-        for op in _NORM_OPS:
-            f[f"op_{op}"] = (rows["op"] == op).to_numpy(float)
+    for op in fam.ops:
+        f[f"op_{op}"] = (rows["op"] == op).to_numpy(float)
     return f[feature_names(family)]

@@ -16,16 +16,14 @@ one need it, and it is plain arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ELEMENT_BYTES", "FAMILIES", "OP_FAMILIES", "analytic_cost"]
-
-FAMILIES: tuple[str, ...] = ("gemm", "attention", "norm", "loss", "optimizer", "collective")
-# The families a single device's sweep measures; collectives need ranks.
-OP_FAMILIES: tuple[str, ...] = ("gemm", "attention", "norm", "loss", "optimizer")
+__all__ = ["ELEMENT_BYTES", "FAMILIES", "FAMILY", "OP_FAMILIES", "STEP_FAMILIES", "OpFamily",
+           "analytic_cost"]
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
-_ELEM = ELEMENT_BYTES
 
 
 def _causal_pairs(seqlens: list[int], prefix: int = 0) -> int:
@@ -34,37 +32,81 @@ def _causal_pairs(seqlens: list[int], prefix: int = 0) -> int:
     return sum(n * (n + 1) // 2 + n * prefix for n in seqlens)
 
 
+def _gemm(case: dict[str, Any], bwd: bool, e: int) -> tuple[float, float]:
+    m, n, k = case["m"], case["n"], case["k"]
+    return 2.0 * m * n * k * (2 if bwd else 1), (m * k + k * n + m * n) * e * (2 if bwd else 1)
+
+
+def _attention(case: dict[str, Any], bwd: bool, e: int) -> tuple[float, float]:
+    pairs = _causal_pairs(case["seqlens"], case.get("prefix", 0))
+    flops = 4.0 * pairs * case["heads"] * case["head_dim"] * (2.5 if bwd else 1)
+    tokens = sum(case["seqlens"])
+    kv_tokens = tokens + case.get("prefix", 0)
+    nbytes = (2 * tokens * case["heads"] + 2 * kv_tokens * case["kv_heads"]) * case["head_dim"] * e
+    return flops, nbytes * (2 if bwd else 1)
+
+
+# Per elementwise op: FLOPs per element and operands moved per element.
+NORM_OPS = {"rms_norm": (4.0, 2), "rope": (3.0, 2), "swiglu": (5.0, 3), "add": (1.0, 3)}
+
+
+def _norm(case: dict[str, Any], bwd: bool, e: int) -> tuple[float, float]:
+    elems = case["tokens"] * case["width"]
+    flops, operands = NORM_OPS[case["op"]]
+    return flops * elems * (2 if bwd else 1), elems * e * operands * (2 if bwd else 1)
+
+
+def _loss(case: dict[str, Any], bwd: bool, e: int) -> tuple[float, float]:
+    t, h, v = case["tokens"], case["hidden"], case["vocab"]
+    return ((2.0 * t * h * v + 5.0 * t * v) * (2 if bwd else 1),
+            (t * h + h * v + 2 * t * v) * e * (2 if bwd else 1))
+
+
+def _optimizer(case: dict[str, Any], bwd: bool, e: int) -> tuple[float, float]:
+    # param, grad and two moments read; param and moments written
+    return 12.0 * case["numel"], 7.0 * case["numel"] * e
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    """One op family's facts, in one place for every reader: the profiler sweeps the
+    ``swept`` ones, the features make a column of each of ``dims`` (and of ``ops``, the op
+    names within the family that cost differently), the step model composes the ``in_step``
+    ones per micro-batch in this order, and the roofline prior prices ``cost``.
+    tests/profilers/test_families.py asks each reader for each family."""
+
+    name: str
+    dims: tuple[str, ...]  # the case's shape columns
+    cost: Callable[[dict[str, Any], bool, int], tuple[float, float]] | None  # FLOPs, bytes
+    ops: tuple[str, ...] = ()
+    aligned: bool = False  # whether its dims' alignment to 16 and 64 is a feature
+    in_step: bool = False
+    swept: bool = True  # collectives need ranks: measured by their own sweep
+
+
+FAMILY: dict[str, OpFamily] = {f.name: f for f in (
+    OpFamily("gemm", ("m", "n", "k"), _gemm, aligned=True, in_step=True),
+    OpFamily("attention", ("heads", "kv_heads", "head_dim"), _attention, aligned=True,
+             in_step=True),
+    OpFamily("norm", ("tokens", "width"), _norm, ops=tuple(NORM_OPS), aligned=True, in_step=True),
+    OpFamily("loss", ("tokens", "hidden", "vocab"), _loss, aligned=True, in_step=True),
+    OpFamily("optimizer", ("numel", "tensors"), _optimizer),
+    OpFamily("collective", (), None, swept=False),
+)}
+FAMILIES: tuple[str, ...] = tuple(FAMILY)
+# The families a single device's sweep measures.
+OP_FAMILIES: tuple[str, ...] = tuple(n for n, f in FAMILY.items() if f.swept)
+# The families the step composition prices per micro-batch, in its column order.
+STEP_FAMILIES: tuple[str, ...] = tuple(n for n, f in FAMILY.items() if f.in_step)
+
+
 def analytic_cost(case: dict[str, Any]) -> tuple[float, float]:
     """(FLOPs, bytes moved) of a case by the usual counting: 2 per multiply-add; backward of a
     matmul is twice its forward, of attention 2.5x (FlashAttention's five matmuls to two);
     bytes are operands read plus results written once. The roofline prior and the learned
     models take these as features."""
-    fam, p, e = case["family"], case["pass"], _ELEM[case["dtype"]]
-    bwd = p == "bwd"
-    if fam == "gemm":
-        m, n, k = case["m"], case["n"], case["k"]
-        flops = 2.0 * m * n * k * (2 if bwd else 1)
-        nbytes = (m * k + k * n + m * n) * e * (2 if bwd else 1)
-    elif fam == "attention":
-        pairs = _causal_pairs(case["seqlens"], case.get("prefix", 0))
-        flops = 4.0 * pairs * case["heads"] * case["head_dim"] * (2.5 if bwd else 1)
-        tokens = sum(case["seqlens"])
-        kv_tokens = tokens + case.get("prefix", 0)
-        nbytes = (2 * tokens * case["heads"] + 2 * kv_tokens * case["kv_heads"]) * case["head_dim"] * e
-        nbytes *= 2 if bwd else 1
-    elif fam == "norm":
-        elems = case["tokens"] * case["width"]
-        flops = {"rms_norm": 4.0, "rope": 3.0, "swiglu": 5.0, "add": 1.0}[case["op"]] * elems
-        operands = {"rms_norm": 2, "rope": 2, "swiglu": 3, "add": 3}[case["op"]]
-        nbytes = elems * e * operands * (2 if bwd else 1)
-        flops *= 2 if bwd else 1
-    elif fam == "loss":
-        t, h, v = case["tokens"], case["hidden"], case["vocab"]
-        flops = (2.0 * t * h * v + 5.0 * t * v) * (2 if bwd else 1)
-        nbytes = (t * h + h * v + 2 * t * v) * e * (2 if bwd else 1)
-    elif fam == "optimizer":
-        flops = 12.0 * case["numel"]
-        nbytes = 7.0 * case["numel"] * e  # param, grad, two moments read; param, moments written
-    else:
-        raise ValueError(f"no analytic cost for family {fam!r}")
+    family = FAMILY.get(case["family"])
+    if family is None or family.cost is None:
+        raise ValueError(f"no analytic cost for family {case['family']!r}")
+    flops, nbytes = family.cost(case, case["pass"] == "bwd", ELEMENT_BYTES[case["dtype"]])
     return float(flops), float(nbytes)

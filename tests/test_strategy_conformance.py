@@ -60,7 +60,7 @@ class Counting:
 def _run(name: str, world: tuple, measure: Recorded, seed: int = 0) -> list[Trial]:
     space, _, models = world
     user = baseline_configs(space[0].workload)[0]
-    ctx = Context(space, models, user=user, seed=seed, budget=BUDGET, predicted_trials=300)
+    ctx = Context(space, models, user=user, seed=seed, budget=BUDGET, predicted_trials=150)
     return drive(make(name, ctx), measure, budget=BUDGET)
 
 

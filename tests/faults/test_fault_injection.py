@@ -162,10 +162,10 @@ def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, tmpfs) -> None
 
     # --timeout, what the hung trial costs, from this machine's own speed: the run above was
     # start-up, one healthy trial and the report, so a trial alone (healthy, or failing at
-    # its step 1 or 2) takes less; twice it (about 4x a trial on an idle machine) lets the
-    # machine slow down or a config be heavier without any trial but the hung one being
-    # timed out, and the hang still ends.
-    hang_timeout_s = 2 * healthy_run_s
+    # its step 1 or 2) takes about half of it; 1.25x it (about 2.5x a trial on an idle
+    # machine) lets the machine slow down or a config be heavier without any trial but the
+    # hung one being timed out, and the hang still ends.
+    hang_timeout_s = 1.25 * healthy_run_s
     done = subprocess.run(_driver(tmp_path, out, 8, "--timeout", f"{hang_timeout_s:.1f}"),
                           env=env, capture_output=True, text=True,
                           timeout=EVENT_DEADLINE_S + 8 * hang_timeout_s)

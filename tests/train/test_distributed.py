@@ -90,10 +90,15 @@ CASES = {
 }
 
 
-# dp x tp composes two layouts each checked alone (and built together at world 64 under fake
-# tensors, tests/train/test_gpu_scale.py): run with -m slow, to keep make test short.
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "dp-x-tp" else c
-                                  for c in CASES])
+# With -m slow, to keep make test short: dp x tp and dp x pp compose layouts each checked
+# alone (dp x tp also built together at world 64 under fake tensors,
+# tests/train/test_gpu_scale.py); GPipe is the simpler of the two pipeline schedules, 1F1B
+# checked here.
+SLOW_CASES = {"dp-x-tp", "dp-x-pp", "pp-gpipe"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
+                                  else c for c in CASES])
 def test_parallel_run_matches_single_process(case: str, tmp_path: Path) -> None:
     parallel, schedule = CASES[case]
     cfg = _config(parallel, **schedule)
@@ -129,7 +134,9 @@ BF16_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BF16_CASES))
+# ZeRO 3 under -m slow: the mixed-precision policy is the same object under ZeRO 2.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "fsdp-zero3"
+                                  else c for c in BF16_CASES])
 def test_bf16_mixed_precision_matches_one_bf16_process(case: str, tmp_path: Path) -> None:
     cfg = _config(BF16_CASES[case])
     cfg["precision"] = {"dtype": "bf16"}

@@ -341,7 +341,8 @@ def search(opts: Options, run: Started) -> Outcome:
     compared = _baselines(opts, setting, trials, base_study, source, rundir) if base_study else {}
     outcome = Outcome(trials, compared, {}, {})
     if opts.confirm and outcome.best is not None:
-        outcome.found, outcome.finalists = _confirm(opts, outcome, setting.baseline, source, rundir)
+        outcome.found, outcome.finalists = _confirm(opts, outcome, setting.baseline, source,
+                                                    rundir, storage)
     return outcome
 
 
@@ -361,19 +362,30 @@ def _baselines(opts: Options, setting: Setting, trials: list[Trial], study: Stud
 
 
 def _confirm(opts: Options, outcome: Outcome, baseline: RunConfig, source: Source,
-             rundir: RunDir) -> tuple[dict, dict]:
+             rundir: RunDir, storage: str) -> tuple[dict, dict]:
     """The finalists measured again, interleaved (``autotune.tune.verdict``)."""
     from autotune.measure import Status
     from autotune.tune.verdict import confirm, finalists
 
     ranked = sorted((t for t in outcome.trials if t.ok), key=lambda t: -t.measurement.tokens_per_s)
     configs = finalists(ranked, baseline, outcome.compared)
+    # Each re-measurement is recorded as it completes, numbered by its round and place in
+    # the round: the finalists of a resumed run are the same, so a killed confirmation
+    # resumes where it stopped instead of measuring its rounds again.
+    study = Study(storage, "confirm")
+    done = {t.n: t for t in study.trials()}
+    order = list(configs)
     bar = progress(total=opts.confirm * len(configs), unit="run", desc="confirming")
 
     def again(name: str, rc: RunConfig, r: int) -> float | None:
         bar.set_postfix_str(f"round {r + 1}: {name}")
-        m = source(rc, rundir.confirm_path(r, name), tag=f"confirm-{r + 1}", repeat=r)
+        n = r * len(order) + order.index(name)
+        if n not in done or done[n].key != config_key(rc):
+            m = source(rc, rundir.confirm_path(r, name), tag=f"confirm-{r + 1}", repeat=r)
+            done[n] = Trial(n, rc, m)
+            study.add(done[n])
         bar.update()
+        m = done[n].measurement
         return m.tokens_per_s if m.status is Status.COMPLETE else None
 
     found = confirm(configs, again, min_rounds=min(3, opts.confirm), max_rounds=opts.confirm)

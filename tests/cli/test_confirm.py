@@ -83,3 +83,35 @@ def test_the_same_config_twice_is_a_tie(table, tmp_path: Path) -> None:  # noqa:
     assert "baseline" in c["tuned"]["ties"] and "tuned" in c["baseline"]["ties"]
     assert len(c["tuned"]["samples"]) == 5  # never separated: every round spent
     assert "tie with baseline" in (tmp_path / "again" / "report.md").read_text()
+
+
+class _Killed(Exception):
+    """The driver dying in the middle of the confirmation, as far as the run can tell."""
+
+
+def test_a_killed_confirmation_resumes_without_measuring_a_round_again(
+        table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from autotune.tune.sources import ReplaySource
+
+    asked: list[tuple[str, int]] = []
+    replay = ReplaySource.__call__
+
+    def counting(self, rc, workdir=None, *, tag="", repeat=None):  # noqa: ANN001, ANN202
+        if repeat is not None:
+            if kill_after is not None and len(asked) >= kill_after:
+                raise _Killed
+            asked.append((rc.model_dump_json(), repeat))
+        return replay(self, rc, workdir, tag=tag, repeat=repeat)
+
+    monkeypatch.setattr(ReplaySource, "__call__", counting)
+    kill_after = 7  # inside round 3 of 5, three finalists a round
+    with pytest.raises(_Killed):
+        _run(*table, tmp_path / "run")
+    before = list(asked)
+    kill_after = None
+    got = _run(*table, tmp_path / "run")  # the same command again
+    again = asked[len(before):]
+    assert len(before) == 7 and len(again) == 15 - 7  # only what the kill left undone
+    assert set(before).isdisjoint(again)
+    uninterrupted = _run(*table, tmp_path / "whole")
+    assert got["confirmed"] == uninterrupted["confirmed"]

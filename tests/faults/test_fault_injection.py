@@ -22,13 +22,14 @@ trial  fault                                             recorded as
 ``test_a_trial_over_the_memory_cap_is_oom`` -- a real OOM: a trial whose process tree
 outgrows the workload's memory cap.
 
-``test_ten_sigkills_of_the_driver_lose_and_repeat_nothing`` -- 10 SIGKILLs of the `autotune
-run` driver (the driver alone, not its process group, as the kernel's OOM killer or a lost
-node would) in a live search on 2 CPU ranks per trial, each on an observed event rather than
-after a sleep (seeded, which event: start-up, a trial starting, its ranks running, its result
-written but not recorded, a trial recorded), each followed by a check of the process table (no
-process of the run left) and of the study (every measurement completed before is still there,
-in order), then a resume to the end: every trial measured exactly once.
+``test_sigkills_of_the_driver_lose_and_repeat_nothing`` -- 10 SIGKILLs (4 in make test, all
+10 with -m slow) of the `autotune run` driver (the driver alone, not its process group, as
+the kernel's OOM killer or a lost node would) in a live search on 2 CPU ranks per trial,
+each on an observed event rather than after a sleep (seeded, which event: start-up, a trial
+starting, its ranks running, its result written but not recorded, a trial recorded), each
+followed by a check of the process table (no process of the run left) and of the study
+(every measurement completed before is still there, in order), then a resume to the end:
+every trial measured exactly once.
 
 ``test_a_full_study_storage_stops_the_run_in_one_line_and_resumes`` -- the study's own
 SQLite file fills its file system mid-run, under `autotune run` and under `autotune worker`:
@@ -36,8 +37,8 @@ the command stops with one line and exit code 1 (it cannot record, so it must no
 on), every trial recorded before is kept, and the same command, once there is room,
 finishes without repeating one.
 
-7 faults in trials (6 in one search, 1 over the memory cap), 10 driver kills and 2 full
-studies: 19 faults injected, each survived.
+7 faults in trials (6 in one search, 1 over the memory cap), 10 driver kills (4 in make
+test) and 2 full studies: 19 faults injected, each survived.
 
 Nothing here is tuned to one machine's speed, so a slow or loaded machine checks the same
 things: the tests wait for events (a file, a record, a process), the hung trial's --timeout
@@ -238,14 +239,21 @@ RECORDS = {"recorded", "recorded-then-ranks"}  # trial k is recorded before the 
 COMPLETES = RECORDS | {"result-written"}  # trial k must finish
 
 
-def test_ten_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path) -> None:
+# make test kills the driver once at each kind of moment that matters most (mid-trial,
+# between a result and its record, after a record); -m slow runs all ten.
+FOUR_KILLS = ["ranks-running", "result-written", "recorded-then-ranks"]
+
+
+@pytest.mark.parametrize("kills", [pytest.param(KILLS, id="ten", marks=pytest.mark.slow),
+                                   pytest.param(FOUR_KILLS, id="four")])
+def test_sigkills_of_the_driver_lose_and_repeat_nothing(tmp_path: Path, kills: list[str]) -> None:
     # 4: the three kills that let a trial finish need trials 0-3 at most in any order, and
     # the resume measures at least one more.
     out, budget = tmp_path / "run", 4
     argv = _driver(tmp_path, out, budget, "--timeout", str(SAFE_TIMEOUT_S))
     db = out / "study.db"
     rng = np.random.default_rng(10)
-    events = [FIRST_KILL, *(str(e) for e in rng.permutation(KILLS))]
+    events = [FIRST_KILL, *(str(e) for e in rng.permutation(kills))]
     seen: list[str] = []
     kills_mid_trial = 0
     for i, event in enumerate(events):

@@ -148,6 +148,10 @@ def _driver(tmp_path: Path, out: Path, budget: int, *extra: str) -> list[str]:
             "--budget-s", "86400", "--confirm", "0", *extra]
 
 
+# -m slow (1.5 minutes, eight 2-rank trials and a hang): make test checks each fault's
+# recording one trial at a time (tests/train/test_measure.py, tests/profilers/test_isolation.py)
+# and the search's survival of a killed driver below.
+@pytest.mark.slow
 def test_a_search_survives_a_fault_in_every_trial(tmp_path: Path, tmpfs) -> None:  # noqa: ANN001
     out = tmp_path / "run"
     env = {**os.environ, "AUTOTUNE_FAULT": ",".join(

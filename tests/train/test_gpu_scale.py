@@ -64,6 +64,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # half a minute building 80 layers under fake tensors
 def test_llama3_70b_at_world_64_builds_and_steps_under_fake_tensors() -> None:
     cfg = {
         "workload": {"model": {"preset": "llama3-70b"},

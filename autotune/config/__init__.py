@@ -1,5 +1,6 @@
 """The configuration contract: Workload, RunConfig and SearchSpace, YAML in and out."""
 
+from autotune.config._load import WORKLOAD_PRESETS, load_workload
 from autotune.config._model import MODEL_PRESETS, ModelDims, ModelSpec
 from autotune.config._runconfig import (
     PADDED_POLICIES,
@@ -23,6 +24,7 @@ __all__ = [
     "DATA_PRESETS", "MODEL_PRESETS", "PADDED_POLICIES", "POLICIES", "POLICY_KNOBS",
     "SCHEDULE_KNOBS", "BudgetSpec", "CheckpointConfig", "DataSpec", "HardwareSpec",
     "KernelsConfig", "ModelDims", "ModelSpec", "OptimizerConfig", "ParallelConfig",
-    "PrecisionConfig", "RunConfig", "ScheduleConfig", "SearchSpace", "Workload",
-    "dump_yaml", "load_yaml", "parse_config", "rule_violations", "save_yaml",
+    "PrecisionConfig", "RunConfig", "ScheduleConfig", "SearchSpace", "WORKLOAD_PRESETS",
+    "Workload", "dump_yaml", "load_workload", "load_yaml", "parse_config", "rule_violations",
+    "save_yaml",
 ]

@@ -89,7 +89,7 @@ class Setting:
 def workload_of(opts: Options) -> tuple[Workload, RunConfig | None]:
     """The workload to tune with the command's hardware overrides, and the user's own
     config when ``--workload`` named a RunConfig."""
-    from autotune.cli._common import load_workload
+    from autotune.config import load_workload
 
     wl, user = load_workload(opts.workload)
     hw = wl.hardware.model_dump()

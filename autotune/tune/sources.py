@@ -102,7 +102,6 @@ class Recorded:
     def __init__(self, measure: Callable[[Pick], Trial], trials: Iterable[Trial] = ()) -> None:
         self.measure = measure
         self.known: dict[str, Trial] = {t.key: t for t in trials}
-        self.fresh = 0  # configs measured here, not answered from the record
 
     @classmethod
     def measuring(cls, source: Source, trials: Iterable[Trial] = ()) -> Recorded:
@@ -115,16 +114,8 @@ class Recorded:
         rec = cls(measure, trials)
         return rec
 
-    def __contains__(self, rc: RunConfig) -> bool:
-        return config_key(rc) in self.known
-
     def __call__(self, pick: Pick) -> Trial:
         key = config_key(pick.rc)
         if key not in self.known:
             self.known[key] = self.measure(pick)
-            self.fresh += 1
         return self.known[key]
-
-    def remember(self, trials: Iterable[Trial]) -> None:
-        for t in trials:
-            self.known.setdefault(t.key, t)

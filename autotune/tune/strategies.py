@@ -223,12 +223,9 @@ class _Sequential:
     """A strategy written as a generator that yields one config at a time and is sent its
     result: searches whose next config depends on the last one's outcome."""
 
-    def __init__(self) -> None:
-        self._plan = self.plan()
-        self._next: RunConfig | None = next(self._plan, None)
-
-    def plan(self) -> Generator[RunConfig, Trial, None]:
-        raise NotImplementedError
+    def __init__(self, plan: Generator[RunConfig, Trial, None]) -> None:
+        self._plan = plan
+        self._next: RunConfig | None = next(plan, None)
 
     def ask(self, history: Sequence[Trial], taken: Collection[str] = ()) -> list[Pick]:
         return [] if self._next is None else [Pick(self._next)]
@@ -249,7 +246,7 @@ class DeepSpeedStyle(_Sequential):
         if ctx.user is None:
             raise ValueError("the DeepSpeed-style search starts from the user's config")
         self.candidates, self.user = ctx.candidates, ctx.user
-        super().__init__()
+        super().__init__(self.plan())
 
     def plan(self) -> Generator[RunConfig, Trial, None]:
         base = SearchSpace().canonical(self.user)
@@ -295,7 +292,7 @@ class TPEMeasured(_Sequential):
     def __init__(self, ctx: Context, max_asks: int | None = None) -> None:
         self.candidates, self.seed = ctx.candidates, ctx.seed
         self.max_asks = max_asks or 200 * ctx.budget
-        super().__init__()
+        super().__init__(self.plan())
 
     def plan(self) -> Generator[RunConfig, Trial, None]:
         """Invalid combinations fail without a measurement; a config asked twice is told
@@ -322,7 +319,7 @@ class Random(_Sequential):
 
     def __init__(self, ctx: Context) -> None:
         self.candidates, self.seed = ctx.candidates, ctx.seed
-        super().__init__()
+        super().__init__(self.plan())
 
     def plan(self) -> Generator[RunConfig, Trial, None]:
         for i in np.random.default_rng(self.seed).permutation(len(self.candidates)):

@@ -1,4 +1,5 @@
-"""``autotune train RUNCONFIG``: train with the reference trainer and log loss and throughput."""
+"""``autotune train RUNCONFIG``: train with the reference trainer, with checkpoints, resume
+(on another layout too), evaluation, metrics and a Hugging Face export."""
 
 from __future__ import annotations
 
@@ -13,48 +14,112 @@ from autotune.cli._common import (
     add_launch_args,
     launch_from_args,
     load_runconfig,
+    non_negative_int,
     positive_int,
     print_json,
 )
+from autotune.errors import UserError
 from profilers.isolation import guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a RunConfig with the reference trainer")
     p.add_argument("runconfig", help="RunConfig YAML")
-    p.add_argument("--steps", type=positive_int, default=20, help="optimizer steps (default 20)")
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="the run's optimizer steps, counted from its start: with --resume, "
+                        "the same command finishes the same run (default 20)")
     p.add_argument("--log-every", type=positive_int, default=10,
                    help="log a line every K steps when no progress bar is shown")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", type=Path, metavar="DIR",
+                   help="write sharded checkpoints (torch.distributed.checkpoint) under DIR, "
+                        "and the metrics beside them")
+    g.add_argument("--save-every", type=positive_int, metavar="N",
+                   help="a checkpoint every N steps (default 500), and one at the end")
+    g.add_argument("--keep", type=positive_int, metavar="K", help="keep the K latest checkpoints")
+    g.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue from the latest checkpoint under DIR (or a step-N folder), "
+                        "under this RunConfig's layout; a DIR with none yet starts at step 0")
+    g.add_argument("--force", action="store_true",
+                   help="resume although the RunConfig changes what the steps train on "
+                        "(global batch, data, optimizer, seed, precision)")
+    g = p.add_argument_group("evaluation and logs")
+    g.add_argument("--eval-every", type=non_negative_int, metavar="K",
+                   help="held-out loss every K steps (default: once, at the end; 0: never)")
+    g.add_argument("--eval-sequences", type=positive_int, default=64,
+                   help="held-out sequences (default 64)")
+    g.add_argument("--log-dir", type=Path, metavar="DIR",
+                   help="metrics.jsonl and TensorBoard events (default: the --save folder)")
+    g.add_argument("--export-hf", type=Path, metavar="DIR",
+                   help="write the final weights as Hugging Face safetensors + config.json")
     add_launch_args(p)
     p.set_defaults(func=run)
 
 
+def _options(args: argparse.Namespace):
+    from autotune.train.session import TrainOptions
+
+    return TrainOptions(steps=args.steps, log_every=args.log_every, save=args.save,
+                        save_every=args.save_every, keep=args.keep, resume=args.resume,
+                        force=args.force, eval_every=args.eval_every,
+                        eval_sequences=args.eval_sequences, log_dir=args.log_dir,
+                        export_hf=args.export_hf)
+
+
+def _launch(args: argparse.Namespace, launch, opts) -> dict | None:
+    fields = ("save", "save_every", "keep", "resume", "force", "eval_every", "eval_sequences",
+              "log_dir", "export_hf")
+    wire = {k: (str(v) if isinstance(v, Path) else v) for k in fields
+            if (v := getattr(opts, k)) is not None or k == "eval_every"}
+    with tempfile.TemporaryDirectory(prefix="autotune-train-") as tmp:
+        out, err = Path(tmp) / "summary.json", Path(tmp) / "error.txt"
+        argv = launch.argv("autotune.train.worker", [
+            args.runconfig, "--mode", "train", "--steps", str(args.steps),
+            "--log-every", str(args.log_every), "--out", str(out), "--error-out", str(err),
+            "--train-options", json.dumps(wire)])
+        code = subprocess.run(guarded(argv), check=False).returncode
+        if err.is_file():
+            raise UserError(err.read_text().strip())
+        if code != 0 or not out.is_file():
+            if launch.node_rank != 0 and code == 0:
+                return None
+            print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
+            raise SystemExit(1)
+        return json.loads(out.read_text())
+
+
 def run(args: argparse.Namespace) -> int:
+    from autotune.train.session import resolve
+
     rc, dataset = load_runconfig(args.runconfig)
     launch = launch_from_args(rc, args)
+    opts = _options(args)
+    resolve(rc, opts)  # a checkpoint that does not fit is refused before any rank starts
+    for note in opts.notes:
+        print(f"resume: {note}", file=sys.stderr)
+    opts.notes = []
     if launch.world == 1:
-        from autotune.train.distributed import ParallelContext, init_parallel
-        from autotune.train.worker import train_loop
+        from autotune.train.distributed import init_parallel
+        from autotune.train.faults import Fault
+        from autotune.train.session import train
 
-        ctx: ParallelContext = init_parallel(rc)
-        summary, _ = train_loop(rc, ctx, steps=args.steps, log_every=args.log_every, fault=None)
+        summary, _ = train(rc, init_parallel(rc), opts, fault=Fault.from_env())
     else:
-        with tempfile.TemporaryDirectory(prefix="autotune-train-") as tmp:
-            out = Path(tmp) / "summary.json"
-            argv = launch.argv("autotune.train.worker", [
-                args.runconfig, "--mode", "train", "--steps", str(args.steps),
-                "--log-every", str(args.log_every), "--out", str(out)])
-            code = subprocess.run(guarded(argv), check=False).returncode
-            if code != 0 or not out.is_file():
-                print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
-                return 1
-            summary = json.loads(out.read_text())
+        summary = _launch(args, launch, opts)
     if summary is None:  # not the node holding rank 0 of a multi-node run
         return 0
     if args.json:
         print_json(summary)
-    else:
-        print(f"{summary['config']}: {summary['steps']} steps on {summary['ranks']} rank(s), "
-              f"final loss {summary['final_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
+        return 0
+    loss = summary["final_loss"]
+    print(f"{summary['config']}: steps {summary['start_step']}-{summary['final_step']} on "
+          f"{summary['ranks']} rank(s), final loss "
+          f"{'-' if loss is None else f'{loss:.4f}'}, "
+          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s"
+          + (f", eval loss {summary['eval'][-1]['eval_loss']:.4f}" if summary["eval"] else ""))
+    for path in summary["checkpoints"][-1:]:
+        print(f"checkpoint: {path}")
+    for path in summary["exported"][:1]:
+        print(f"exported: {Path(path).parent}")
     return 0

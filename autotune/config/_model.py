@@ -104,7 +104,9 @@ def _dims_from_hf(path: Path) -> ModelDims:
             kv_heads=cfg.get("num_key_value_heads") or heads, ffn=cfg["intermediate_size"],
             vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim"),
             max_seq_len=cfg.get("max_position_embeddings", 4096),
-            rope_theta=cfg.get("rope_theta", 10000.0), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            # transformers 5 writes it inside rope_parameters
+            rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get(
+                "rope_theta", 10000.0), norm_eps=cfg.get("rms_norm_eps", 1e-5),
             qkv_bias=family == "qwen2", tie_embeddings=cfg.get("tie_word_embeddings", False))
     except KeyError as exc:
         raise UserError(f"model.hf_config: {path} lacks key {exc.args[0]!r}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
@@ -172,7 +173,8 @@ class PrecisionConfig(BaseModel):
 
 
 class OptimizerConfig(BaseModel):
-    """AdamW with linear warm-up; the same for every policy, so policies train alike."""
+    """AdamW with linear warm-up, then a constant rate or a cosine decay; the same for every
+    policy, so policies train alike."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -182,6 +184,33 @@ class OptimizerConfig(BaseModel):
     beta2: float = Field(0.95, ge=0, lt=1)
     warmup_steps: NonNegativeInt = 0
     grad_clip: float | None = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    decay_steps: PositiveInt | None = Field(
+        None, description="cosine: the step (counted from the start, warm-up included) where "
+        "the rate reaches its minimum; unset: the run's own length (autotune train --steps)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: the minimum, as a "
+                                "fraction of lr")
+
+    @model_validator(mode="after")
+    def _horizon(self) -> OptimizerConfig:
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps "
+                             f"({self.warmup_steps})")
+        return self
+
+    def lr_factor(self, index: int) -> float:
+        """The rate of the step with 0-based ``index``, as a fraction of ``lr``: linear
+        warm-up to 1 over ``warmup_steps``, then constant, or cosine down to
+        ``min_lr_ratio`` at ``decay_steps`` (held there after). A function of the step
+        alone, so a resumed run needs no scheduler state and any layout gets the same rate."""
+        warm = self.warmup_steps
+        if warm and index < warm:
+            return (index + 1) / warm
+        if self.lr_schedule == "constant" or self.decay_steps is None:
+            return 1.0
+        progress = min(1.0, (index - warm) / (self.decay_steps - warm))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
 
 
 class RunConfig(BaseModel):

@@ -194,9 +194,12 @@ class Trainer:
                                      state_bytes=local * 4 * 4,
                                      act_bytes=rc.precision.itemsize)
 
-    def _lr_scale(self) -> float:
-        warm = self.rc.optimizer.warmup_steps
-        return min(1.0, (self.step_count + 1) / warm) if warm else 1.0
+    def seek(self, step: int) -> None:
+        """Continue as if ``step`` steps had run: the next global batch is the stream's
+        ``step``-th and the learning rate is that step's (a resumed checkpoint)."""
+        self.step_count = step
+        self.batches = step_plans(self.rc, self.dataset.lengths, self.dims, start=step,
+                                  lockstep=self._lockstep)
 
     def next_plans(self, batch_ids: np.ndarray | None = None
                    ) -> tuple[np.ndarray, list[StepPlan], float]:
@@ -281,7 +284,7 @@ class Trainer:
         lengths = self.dataset.lengths[ids]
         targets = int((lengths - 1).sum())
         for group in self.optimizer.param_groups:
-            group["lr"] = self.rc.optimizer.lr * self._lr_scale()
+            group["lr"] = self.rc.optimizer.lr * self.rc.optimizer.lr_factor(self.step_count)
         t0 = time.perf_counter()
         local_loss = self._forward_backward(plan, ids, targets)
         if self.time_compute and self.device.type == "cuda":

@@ -28,6 +28,7 @@ from autotune.train.distributed import (
     shutdown_parallel,
 )
 from autotune.train.faults import Fault
+from autotune.train.session import TrainOptions, train
 from autotune.train.trainer import StepResult, Trainer
 from profilers.ceilings import Ceiling, datasheet_peak, matmul_ceiling, remeasure_if_outrun
 from profilers.fingerprint import current_fingerprint
@@ -41,6 +42,7 @@ from profilers.timer import StepTimer, summarize
 __all__ = ["main"]
 
 log = logging.getLogger("autotune.worker")
+_PATH_OPTIONS = ("save", "resume", "log_dir", "export_hf")
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -214,35 +216,9 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
 
 def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: int,
                fault: Fault | None) -> tuple[dict | None, Trainer]:
-    import time
-
-    from profilers.progress import progress
-
-    trainer = Trainer(rc, ctx=ctx, time_compute=False)
-    history: list[tuple[StepResult, float]] = []
-    bar = progress(total=steps, unit="step", desc=rc.label(), enabled=ctx.rank == 0, leave=False)
-    for i in range(steps):
-        if fault:
-            fault.maybe_fire(rank=ctx.rank, step=i + 1)
-        t0 = time.perf_counter()
-        r = trainer.step()
-        dt = time.perf_counter() - t0
-        history.append((r, dt))
-        bar.update(1)
-        bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens / dt:,.0f}")
-        if ctx.rank == 0 and bar.disable and (r.step % log_every == 0 or r.step == steps):
-            log.info("step %d loss %.4f tokens %d tok/s %.0f", r.step, r.loss, r.tokens,
-                     r.tokens / dt)
-    bar.close()
-    if ctx.rank != 0:
-        return None, trainer
-    tokens = sum(r.tokens for r, _ in history)
-    seconds = sum(dt for _, dt in history)
-    return {"config": rc.label(), "ranks": ctx.world, "steps": len(history),
-            "final_loss": history[-1][0].loss if history else None,
-            "losses": [r.loss for r, _ in history], "grad_norms": [r.grad_norm for r, _ in history],
-            "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
-            "wall_s": seconds}, trainer
+    """``steps`` steps from a fresh start, no checkpoints, files or evaluation."""
+    return train(rc, ctx, TrainOptions(steps=steps, log_every=log_every, eval_every=0),
+                 fault=fault)
 
 
 def dump_params(trainer: Trainer, folder: Path, ctx: ParallelContext) -> None:
@@ -284,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="measure: Measurement JSON; train: summary JSON")
     parser.add_argument("--dump-params",
                         help="train: folder for each rank's final parameters (.npz)")
+    parser.add_argument("--train-options",
+                        help="train: JSON of autotune.train.session.TrainOptions (--steps and "
+                        "--log-every aside), from autotune train")
+    parser.add_argument("--error-out",
+                        help="train: where rank 0 writes a refusal (one line) for the caller")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rc = load_yaml(RunConfig, args.config)
@@ -295,14 +276,23 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None and args.out:
                 atomic_write_text(Path(args.out), result.model_dump_json(indent=2))
         else:
-            summary, trainer = train_loop(rc, ctx, steps=args.steps, log_every=args.log_every,
-                                          fault=fault)
+            opts = TrainOptions(steps=args.steps, log_every=args.log_every, eval_every=0)
+            for k, v in json.loads(args.train_options or "{}").items():
+                setattr(opts, k, Path(v) if k in _PATH_OPTIONS and v is not None else v)
+            summary, trainer = train(rc, ctx, opts, fault=fault)
             if summary is not None and args.out:
                 atomic_write_text(Path(args.out), json.dumps(summary, indent=2))
             if args.dump_params:
                 dump_params(trainer, Path(args.dump_params), ctx)
         results_written(ctx)
     except Exception as exc:
+        if args.mode == "train" and isinstance(exc, UserError):
+            # Every rank meets the same refusal (a checkpoint that does not fit the run);
+            # rank 0 hands the caller its one line.
+            if ctx.rank == 0 and args.error_out:
+                atomic_write_text(Path(args.error_out), str(exc))
+            print(f"autotune: {exc}", file=sys.stderr)
+            return 2
         if args.mode == "measure" and isinstance(exc, UserError):
             # The trainer refused the config before its first step (a foreign kernel tuning
             # cache, a combination only the build can see): the config, not the process,

@@ -1,0 +1,179 @@
+"""``autotune train``'s run on every rank: steps from a fresh start or a checkpoint to
+``--steps``, with periodic checkpoints, held-out evaluation, metrics, a progress bar and a
+Hugging Face export of the final weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.config import RunConfig
+from autotune.errors import UserError
+from autotune.train import checkpoint
+from autotune.train.distributed import ParallelContext
+from autotune.train.faults import Fault
+from autotune.train.metrics import MetricsLog
+from autotune.train.trainer import StepResult, Trainer
+
+__all__ = ["TrainOptions", "resolve", "train"]
+
+log = logging.getLogger("autotune.train")
+DEFAULT_SAVE_EVERY = 500
+
+
+@dataclass
+class TrainOptions:
+    steps: int  # the run's total, counted from its start: a resumed run stops there too
+    log_every: int = 10
+    save: Path | None = None
+    save_every: int | None = None  # None: DEFAULT_SAVE_EVERY; a checkpoint ends the run anyway
+    keep: int | None = None  # the latest K checkpoints; None: all
+    resume: Path | None = None
+    force: bool = False
+    eval_every: int | None = None  # None: once, at the end; 0: never
+    eval_sequences: int = 64
+    log_dir: Path | None = None  # None: the save folder, if any
+    export_hf: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metrics_dir(self) -> Path | None:
+        return self.log_dir or self.save
+
+
+def horizon(rc: RunConfig, steps: int) -> RunConfig:
+    """``rc`` with a cosine schedule's unset horizon set to the run's length: the checkpoint
+    records it, so a resume with another ``--steps`` cannot silently bend the schedule."""
+    o = rc.optimizer
+    if o.lr_schedule != "cosine" or o.decay_steps is not None:
+        return rc
+    if steps <= o.warmup_steps:
+        raise UserError(f"optimizer: a cosine schedule over {steps} steps leaves nothing after "
+                        f"{o.warmup_steps} warm-up steps")
+    return rc.model_copy(update={"optimizer": o.model_copy(update={"decay_steps": steps})})
+
+
+def resolve(rc: RunConfig, opts: TrainOptions) -> tuple[RunConfig, checkpoint.Checkpoint | None]:
+    """The RunConfig to train and the checkpoint to start from, every problem refused as a
+    UserError before any rank builds anything; notes of a layout change go to ``opts``."""
+    rc = horizon(rc, opts.steps)
+    if opts.export_hf is not None and rc.parallel.pp > 1:
+        raise UserError("--export-hf gathers the whole model, which pipeline stages do not "
+                        "hold: resume the checkpoint with parallel.pp 1 to export it")
+    if opts.eval_every and rc.parallel.pp > 1:
+        raise UserError("--eval-every: evaluation runs with parallel.pp 1 only")
+    if opts.eval_every and rc.workload.data.path is not None:
+        raise UserError("--eval-every: a held-out set is drawn from a synthetic data preset; "
+                        "this workload reads a file")
+    ckpt = checkpoint.find(opts.resume) if opts.resume is not None else None
+    if opts.resume is not None and ckpt is None:
+        opts.notes.append(f"{opts.resume} holds no checkpoint yet: starting at step 0")
+    if ckpt is not None:
+        opts.notes += checkpoint.compare(ckpt.runconfig, rc, where=ckpt.path, force=opts.force)
+        if ckpt.step > opts.steps:
+            raise UserError(f"{ckpt.path}: the checkpoint is at step {ckpt.step}, past "
+                            f"--steps {opts.steps}")
+    return rc, ckpt
+
+
+def _can_evaluate(rc: RunConfig) -> bool:
+    return rc.parallel.pp == 1 and rc.workload.data.path is None
+
+
+def export_hf(trainer: Trainer, out: Path) -> list[Path]:
+    """The whole model gathered to rank 0 (collective) and written as safetensors with a
+    config.json for transformers; other ranks return []."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from autotune.train.hf_export import write_hf
+
+    state = get_model_state_dict(trainer.decoder, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    if trainer.ctx.rank != 0:
+        return []
+    spec = trainer.rc.workload.model
+    return write_hf(state, trainer.dims, out,
+                    hf_config=Path(spec.hf_config) if spec.hf_config else None)
+
+
+def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
+          fault: Fault | None = None) -> tuple[dict | None, Trainer]:
+    """Train to ``opts.steps`` (every rank calls it); rank 0 returns the run's summary."""
+    from profilers.progress import progress
+
+    rc, ckpt = resolve(rc, opts)
+    rank0 = ctx.rank == 0
+    for note in opts.notes:
+        if rank0:
+            log.info("resume: %s", note)
+    trainer = Trainer(rc, ctx=ctx, time_compute=False)
+    if ckpt is not None:
+        checkpoint.load(trainer, ckpt)
+    start = trainer.step_count
+    held_out = None
+    evaluate = opts.eval_every != 0 and _can_evaluate(rc)
+    if evaluate:
+        from autotune.data import load_eval_dataset
+
+        held_out = load_eval_dataset(rc.workload.data, trainer.dims, opts.eval_sequences)
+    metrics = MetricsLog(opts.metrics_dir, resume_step=start, enabled=rank0)
+    save_every = opts.save_every or DEFAULT_SAVE_EVERY
+    history: list[tuple[StepResult, float]] = []
+    evals: list[dict[str, Any]] = []
+    saved: list[str] = []
+
+    def run_eval(step: int) -> None:
+        loss = trainer.evaluate(held_out.sequences)
+        evals.append({"step": step, "eval_loss": loss})
+        metrics.write("eval", step, loss=loss)
+        if rank0:
+            log.info("step %d eval loss %.4f", step, loss)
+
+    bar = progress(total=opts.steps, initial=start, unit="step", desc=rc.label(),
+                   enabled=rank0, leave=False)
+    try:
+        for step in range(start + 1, opts.steps + 1):
+            if fault:
+                fault.maybe_fire(rank=ctx.rank, step=step)
+            lr = rc.optimizer.lr * rc.optimizer.lr_factor(step - 1)
+            t0 = time.perf_counter()
+            r = trainer.step()
+            dt = time.perf_counter() - t0
+            history.append((r, dt))
+            metrics.write("train", r.step, loss=r.loss, lr=lr, tokens=r.tokens,
+                          tokens_per_s=r.tokens / dt, grad_norm=r.grad_norm, step_s=dt)
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens / dt:,.0f}")
+            if rank0 and bar.disable and (r.step % opts.log_every == 0 or r.step == opts.steps):
+                log.info("step %d loss %.4f tokens %d tok/s %.0f", r.step, r.loss, r.tokens,
+                         r.tokens / dt)
+            if held_out is not None and opts.eval_every and r.step % opts.eval_every == 0:
+                run_eval(r.step)
+            if opts.save is not None and (r.step % save_every == 0 or r.step == opts.steps):
+                path = checkpoint.save(trainer, opts.save, fault=fault)
+                saved.append(str(path))
+                if rank0 and opts.keep:
+                    checkpoint.prune(opts.save, opts.keep)
+        # A resume with nothing left to train has its evaluation in the log already.
+        if held_out is not None and history and (
+                not evals or evals[-1]["step"] != trainer.step_count):
+            run_eval(trainer.step_count)
+    finally:
+        bar.close()
+        metrics.close()
+    exported = export_hf(trainer, opts.export_hf) if opts.export_hf is not None else []
+    if not rank0:
+        return None, trainer
+    tokens = sum(r.tokens for r, _ in history)
+    seconds = sum(dt for _, dt in history)
+    return {"config": rc.label(), "ranks": ctx.world, "start_step": start,
+            "final_step": trainer.step_count, "steps": len(history),
+            "final_loss": history[-1][0].loss if history else None,
+            "losses": [r.loss for r, _ in history], "grad_norms": [r.grad_norm for r, _ in history],
+            "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
+            "wall_s": seconds, "eval": evals, "checkpoints": saved,
+            "resumed_from": str(ckpt.path) if ckpt is not None else None,
+            "notes": opts.notes, "exported": [str(p) for p in exported]}, trainer

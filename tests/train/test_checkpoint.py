@@ -1,0 +1,245 @@
+"""Checkpoints: exact resume on the same layout, elastic resume on another, saves that a kill
+cannot half-write, and checkpoints that do not fit the run refused in one line.
+
+Exact: the losses after a resume equal an uninterrupted run's bit for bit (CPU, fp32). Elastic:
+within the parity tests' tolerance (tests/train/test_distributed.py, LOSS_RTOL 1e-5 relative),
+since another layout sums in another order; the reference is the uninterrupted run on one
+process, which every layout matches within that tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from autotune.cli import main
+from autotune.config import RunConfig
+from autotune.launch import Launch
+from autotune.train import checkpoint
+from autotune.train.distributed import ParallelContext
+from autotune.train.metrics import read_metrics
+from autotune.train.session import TrainOptions, train
+
+LOSS_RTOL = 1e-5  # the parity tests' bound for another summation order over a few steps
+SAVE_AT, STEPS = 3, 6
+BASE = {
+    "workload": {
+        "model": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": 96},
+        "data": {"preset": "longsft", "num_sequences": 400, "max_len": 256},
+        "budget": {"global_batch_tokens": 1024},
+    },
+    "schedule": {"policy": "pack", "micro_batch_tokens": 128},
+    # warm-up and cosine: a resume at the wrong step would train at the wrong rate
+    "optimizer": {"warmup_steps": 2, "lr_schedule": "cosine", "decay_steps": 8, "lr": 3e-3},
+}
+
+
+def _cfg(parallel: dict | None = None, **schedule) -> dict:
+    cfg = json.loads(json.dumps(BASE))
+    parallel = parallel or {}
+    world = int(np.prod([parallel.get(k, 1) for k in ("dp", "tp", "pp")]))
+    cfg["workload"]["hardware"] = {"devices_per_node": world}
+    cfg["schedule"].update(schedule)
+    cfg["parallel"] = parallel
+    return cfg
+
+
+def _local(cfg: dict, **opts) -> dict:
+    """A run in this process (one rank)."""
+    rc = RunConfig.model_validate(cfg)
+    summary, _ = train(rc, ParallelContext(device=torch.device("cpu")),
+                       TrainOptions(eval_every=0, **opts))
+    return summary
+
+
+def _ranks(cfg: dict, tmp: Path, name: str, **opts) -> dict:
+    """A run of ``cfg``'s world through torchrun, as ``autotune train`` launches it."""
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = RunConfig.model_validate(cfg)
+    out = tmp / f"{name}.json"
+    wire = {"eval_every": 0} | {k: str(v) if isinstance(v, Path) else v
+                                 for k, v in opts.items() if k != "steps"}
+    argv = Launch.for_config(rc).argv("autotune.train.worker", [
+        str(path), "--mode", "train", "--steps", str(opts["steps"]), "--out", str(out),
+        "--train-options", json.dumps(wire)])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    """The uninterrupted run on one process, saving nothing."""
+    return _local(_cfg(), steps=STEPS)["losses"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoints at step 3 under three layouts: one process, FSDP ZeRO 3 on 2 ranks and
+    tensor parallelism on 2 ranks; and each 2-rank run's own uninterrupted losses."""
+    tmp = tmp_path_factory.mktemp("saved")
+    _local(_cfg(), steps=SAVE_AT, save=tmp / "single")
+    out = {"single": tmp / "single"}
+    for name, parallel in (("zero3", {"dp": 2, "zero_stage": 3}), ("tp2", {"tp": 2})):
+        _ranks(_cfg(parallel), tmp, name, steps=SAVE_AT, save=tmp / name)
+        out[name] = tmp / name
+    return out
+
+
+def test_exact_resume_one_process(tmp_path: Path, reference: list[float]) -> None:
+    first = _local(_cfg(), steps=SAVE_AT, save=tmp_path / "ck")
+    assert first["losses"] == reference[:SAVE_AT]
+    rest = _local(_cfg(), steps=STEPS, resume=tmp_path / "ck", save=tmp_path / "ck")
+    assert rest["start_step"] == SAVE_AT and rest["final_step"] == STEPS
+    assert rest["losses"] == reference[SAVE_AT:]  # bit for bit
+
+
+def test_exact_resume_two_ranks(tmp_path: Path, saved: dict[str, Path]) -> None:
+    cfg = _cfg({"dp": 2, "zero_stage": 3})
+    whole = _ranks(cfg, tmp_path, "whole", steps=STEPS)
+    rest = _ranks(cfg, tmp_path, "rest", steps=STEPS, resume=saved["zero3"])
+    assert rest["start_step"] == SAVE_AT and rest["notes"] == []
+    assert rest["losses"] == whole["losses"][SAVE_AT:]  # bit for bit
+
+
+ELASTIC = {
+    # name: (checkpoint written under, resumed under (parallel, schedule), on 2 ranks?)
+    "dp2-to-dp1": ("zero3", ({}, {}), False),
+    "dp1-to-dp2": ("single", ({"dp": 2, "zero_stage": 2}, {}), True),
+    "zero3-to-ddp": ("zero3", ({"dp": 2, "zero_stage": 0}, {}), True),
+    "tp2-to-tp1": ("tp2", ({}, {}), False),
+    "pack-to-chunkflow": ("single", ({}, {"policy": "chunkflow", "chunk_size": 64}), False),
+}
+
+
+@pytest.mark.parametrize("case", list(ELASTIC))
+def test_elastic_resume_continues_the_run(case: str, tmp_path: Path, saved: dict[str, Path],
+                                          reference: list[float]) -> None:
+    source, (parallel, schedule), ranks = ELASTIC[case]
+    cfg = _cfg(parallel, **schedule)
+    opts = {"steps": STEPS, "resume": saved[source]}
+    rest = _ranks(cfg, tmp_path, case, **opts) if ranks else _local(cfg, **opts)
+    assert rest["start_step"] == SAVE_AT
+    assert rest["notes"]  # the layout change is said
+    np.testing.assert_allclose(rest["losses"], reference[SAVE_AT:], rtol=LOSS_RTOL)
+
+
+def _cli_cfg(tmp: Path, cfg: dict) -> str:
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _autotune(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
+                          text=True, timeout=300, env=os.environ | (env or {}))
+
+
+def test_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path: Path,
+                                                              reference: list[float]) -> None:
+    run = _cli_cfg(tmp_path, _cfg())
+    ck = tmp_path / "ck"
+    args = ("train", run, "--steps", str(STEPS), "--save", str(ck), "--save-every", "3",
+            "--eval-every", "0", "--json")
+    # SIGABRT once step 6's shards are written, before its record and rename
+    proc = _autotune(*args, env={"AUTOTUNE_FAULT": f"crash:step={STEPS}:at=save"})
+    assert proc.returncode != 0
+    assert (ck / f".tmp-step-{STEPS:08d}").is_dir() and not (ck / f"step-{STEPS:08d}").exists()
+    assert checkpoint.find(ck).step == SAVE_AT
+    proc = _autotune(*args, "--resume", str(ck))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["start_step"] == SAVE_AT and summary["losses"] == reference[SAVE_AT:]
+    assert not (ck / f".tmp-step-{STEPS:08d}").exists()  # the half-written save is gone
+    # the killed run logged steps 4-6 before dying; the log holds each step once
+    steps = [r["step"] for r in read_metrics(ck) if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+    logged = [r["loss"] for r in read_metrics(ck) if r["kind"] == "train"]
+    assert logged == reference
+
+
+def _refused(capsys: pytest.CaptureFixture, *args: str) -> str:
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def one_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    _local(_cfg(), steps=2, save=tmp_path / "ck")
+    return tmp_path / "ck", tmp_path
+
+
+def test_corrupt_checkpoint_is_refused(one_checkpoint: tuple[Path, Path],
+                                       capsys: pytest.CaptureFixture) -> None:
+    ck, tmp = one_checkpoint
+    run = _cli_cfg(tmp, _cfg())
+    step = ck / "step-00000002"
+    shard = next(step.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # a copy cut short
+    assert "has" in _refused(capsys, "train", run, "--steps", "4", "--resume", str(ck))
+    shard.write_bytes(data)
+    (step / "autotune.json").write_text("{not json")
+    assert "corrupt" in _refused(capsys, "train", run, "--steps", "4", "--resume", str(ck))
+
+
+def test_foreign_checkpoint_is_refused(one_checkpoint: tuple[Path, Path],
+                                       capsys: pytest.CaptureFixture) -> None:
+    ck, tmp = one_checkpoint
+    other_model = _cfg()
+    other_model["workload"]["model"]["hidden"] = 128
+    err = _refused(capsys, "train", _cli_cfg(tmp, other_model), "--steps", "4", "--resume",
+                   str(ck))
+    assert "another model" in err and "hidden" in err
+    bigger_batch = _cfg()
+    bigger_batch["workload"]["budget"]["global_batch_tokens"] = 2048
+    run = _cli_cfg(tmp, bigger_batch)
+    err = _refused(capsys, "train", run, "--steps", "4", "--resume", str(ck))
+    assert "global_batch_tokens" in err and "--force" in err
+    # forced, it goes on from the checkpoint and says what it changed
+    assert main(["train", run, "--steps", "3", "--resume", str(ck), "--force",
+                 "--eval-every", "0", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["start_step"] == 2
+    assert "forced: workload.budget.global_batch_tokens 1024 -> 2048" in out.err
+    # a bare torch.distributed.checkpoint folder is not ours
+    bare = tmp / "bare"
+    bare.mkdir()
+    (bare / ".metadata").write_bytes(b"x")
+    assert "not an autotune checkpoint" in _refused(
+        capsys, "train", _cli_cfg(tmp, _cfg()), "--steps", "4", "--resume", str(bare))
+    assert "no such" in _refused(capsys, "train", _cli_cfg(tmp, _cfg()), "--steps", "4",
+                                 "--resume", str(tmp / "missing"))
+
+
+def test_keep_prunes_old_checkpoints(tmp_path: Path) -> None:
+    _local(_cfg(), steps=4, save=tmp_path / "ck", save_every=1, keep=2)
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == [
+        "step-00000003", "step-00000004"]
+
+
+def test_cosine_schedule_by_hand() -> None:
+    from autotune.config._runconfig import OptimizerConfig
+
+    o = OptimizerConfig(lr=1.0, warmup_steps=2, lr_schedule="cosine", decay_steps=10,
+                        min_lr_ratio=0.1)
+    # warm-up (i+1)/2; then 0.1 + 0.9 * (1 + cos(pi * (i - 2) / 8)) / 2, held at 0.1 after
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + np.cos(np.pi / 8)), 0.1 + 0.45 * (1 + 0),
+                ]
+    got = [o.lr_factor(i) for i in (0, 1, 2, 3, 6)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert o.lr_factor(10) == pytest.approx(0.1) and o.lr_factor(50) == pytest.approx(0.1)
+    assert OptimizerConfig(warmup_steps=4).lr_factor(1) == 0.5  # constant after warm-up
+    assert OptimizerConfig(warmup_steps=4).lr_factor(9) == 1.0

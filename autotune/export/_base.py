@@ -68,7 +68,9 @@ def live_knobs(rc: RunConfig) -> dict[str, Any]:
     knobs["precision.dtype"] = rc.precision.dtype
     if rc.compile != "none":
         knobs["compile"] = rc.compile
-    knobs |= {f"optimizer.{n}": getattr(o, n) for n in type(o).model_fields}
+    cosine_only = ("decay_steps", "min_lr_ratio")
+    knobs |= {f"optimizer.{n}": getattr(o, n) for n in type(o).model_fields
+              if o.lr_schedule == "cosine" or n not in cosine_only}
     knobs["seed"] = rc.seed
     return knobs
 

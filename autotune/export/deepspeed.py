@@ -90,13 +90,23 @@ class DeepSpeed(Exporter):
                 "optimizer.grad_clip")
         if p.zero_stage > 0:
             cfg["zero_optimization"] |= {"overlap_comm": True, "contiguous_gradients": True}
-        if o.warmup_steps > 1:
+        if o.lr_schedule == "cosine" and o.decay_steps is not None:
+            cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
+                "total_num_steps": o.decay_steps, "warmup_min_ratio": 0.0,
+                "warmup_num_steps": o.warmup_steps, "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear"}}
+            m.carry("optimizer.lr_schedule", "optimizer.decay_steps", "optimizer.min_lr_ratio")
+        elif o.warmup_steps > 1:
             # WarmupLR stretches a ramp shorter than 2 steps to 2; with 0 or 1 step autotune's
             # rate is constant from the first step, which needs no scheduler at all.
             cfg["scheduler"] = {"type": "WarmupLR", "params": {
                 "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps,
                 "warmup_type": "linear"}}
-        m.carry("optimizer.warmup_steps")
+        if o.lr_schedule == "cosine" and o.decay_steps is None:
+            m.substitute("optimizer.lr_schedule", "constant after the warm-up",
+                         "DeepSpeed's WarmupCosineLR needs its length (total_num_steps); set "
+                         "optimizer.decay_steps to export the cosine decay")
+        m.carry("optimizer.warmup_steps", "optimizer.lr_schedule")
         self._checkpointing(rc, facts, m, cfg)
         self._model_parallel(rc, m, cfg)
         return json.dumps(cfg, indent=2) + "\n"

@@ -271,9 +271,14 @@ def _ds_optimizer(d: _Draft, cfg: dict[str, Any]) -> None:
     sched = _section(d, cfg, "scheduler")
     _check_keys(d, sched, "scheduler.", read=frozenset({"type", "params"}), passive=frozenset())
     if sched:
-        warm = _number(d, _section(d, sched, "params"), "warmup_num_steps") or 0
+        params = _section(d, sched, "params")
+        warm = _number(d, params, "warmup_num_steps") or 0
         d.optimizer["warmup_steps"] = warm
-        if sched.get("type") != "WarmupLR":
+        if sched.get("type") == "WarmupCosineLR" and _number(d, params, "total_num_steps"):
+            d.optimizer |= {"lr_schedule": "cosine",
+                            "decay_steps": _number(d, params, "total_num_steps"),
+                            "min_lr_ratio": _number(d, params, "cos_min_ratio", float) or 0.0}
+        elif sched.get("type") != "WarmupLR":
             d.notes.append(f"scheduler.type={sched.get('type')}: nearest: linear warm-up over "
                            f"{warm} steps, then a constant rate (autotune's schedule)")
 

@@ -127,8 +127,17 @@ class Megatron(Exporter):
         m.carry("optimizer.lr", "optimizer.weight_decay", "optimizer.beta1", "optimizer.beta2",
                 "optimizer.warmup_steps", "optimizer.grad_clip", "seed")
         # Megatron's adam is decoupled-weight-decay AdamW; clip-grad 0 turns clipping off.
-        return ["--optimizer adam", f"--lr {o.lr:g}", f"--min-lr {o.lr:g}",
-                "--lr-decay-style constant", f"--lr-warmup-iters {o.warmup_steps}",
+        if o.lr_schedule == "cosine":
+            m.carry("optimizer.lr_schedule", "optimizer.decay_steps", "optimizer.min_lr_ratio")
+            # Without --lr-decay-iters the decay spans --train-iters, as an unset
+            # decay_steps spans the run.
+            decay = ["--lr-decay-style cosine", f"--min-lr {o.lr * o.min_lr_ratio:g}"] + (
+                [f"--lr-decay-iters {o.decay_steps}"] if o.decay_steps is not None else [])
+        else:
+            m.carry("optimizer.lr_schedule")
+            decay = [f"--min-lr {o.lr:g}", "--lr-decay-style constant"]
+        return ["--optimizer adam", f"--lr {o.lr:g}", *decay,
+                f"--lr-warmup-iters {o.warmup_steps}",
                 f"--weight-decay {o.weight_decay:g}", f"--adam-beta1 {o.beta1:g}",
                 f"--adam-beta2 {o.beta2:g}", "--adam-eps 1e-08",
                 f"--clip-grad {o.grad_clip or 0.0:g}", f"--seed {rc.seed}"]

@@ -74,8 +74,7 @@ class Torchtitan(Exporter):
             "model": self._model(rc),
             "optimizer": {"name": "AdamW", "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2,
                           "eps": 1e-8, "weight_decay": o.weight_decay},
-            # No decay phase: autotune holds the rate constant after the warm-up.
-            "lr_scheduler": {"warmup_steps": o.warmup_steps, "decay_ratio": 0.0},
+            "lr_scheduler": self._lr_scheduler(o, m),
             "training": training,
             "parallelism": self._parallelism(rc, m) | self._pipeline(rc, rows, training, m),
             "activation_checkpoint": self._checkpoint(rc, facts, m),
@@ -85,7 +84,8 @@ class Torchtitan(Exporter):
             sections["compile"] = {"enable": True, "components": ["model"]}
             m.carry("compile")
         m.carry("optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.weight_decay",
-                "optimizer.warmup_steps")
+                "optimizer.warmup_steps", "optimizer.lr_schedule", "optimizer.decay_steps",
+                "optimizer.min_lr_ratio")
         head = [f"# torchtitan {TORCHTITAN_VERSION}.x job config: --job.config_file FILE.",
                 "# torchtitan 0.3 reads no TOML: give its --module/--config these overrides "
                 "(it sets the optimizer and activation checkpointing in the config function):",
@@ -97,6 +97,19 @@ class Torchtitan(Exporter):
                         f"n_heads={d.heads}, n_kv_heads={d.kv_heads}, vocab_size={d.vocab}, "
                         f"FFN width {d.ffn}, rope_theta={d.rope_theta:g}.")
         return "\n".join(head) + "\n\n" + toml_text(sections)
+
+    @staticmethod
+    def _lr_scheduler(o: Any, m: Mapping) -> dict[str, Any]:
+        if o.lr_schedule == "constant":
+            # No decay phase: autotune holds the rate constant after the warm-up.
+            return {"warmup_steps": o.warmup_steps, "decay_ratio": 0.0}
+        # No decay_ratio: the decay starts at the end of the warm-up, as autotune's does;
+        # without total_steps it spans training.steps, as an unset decay_steps does.
+        out = {"warmup_steps": o.warmup_steps, "decay_type": "cosine",
+               "min_lr_factor": o.min_lr_ratio}
+        if o.decay_steps is not None:
+            out["total_steps"] = o.decay_steps
+        return out
 
     @staticmethod
     def _model(rc: RunConfig) -> dict[str, Any]:

@@ -49,8 +49,17 @@ class Trl(Exporter):
             "lr_scheduler_type": "constant_with_warmup", "warmup_steps": o.warmup_steps,
             "seed": rc.seed,
         }
+        if o.lr_schedule == "cosine":
+            kwargs |= {"lr_scheduler_type": "cosine_with_min_lr",
+                       "lr_scheduler_kwargs": {"min_lr_rate": o.min_lr_ratio}}
+            m.carry("optimizer.lr_schedule", "optimizer.min_lr_ratio")
+            if o.decay_steps is not None:
+                m.substitute("optimizer.decay_steps", "the Trainer's max_steps",
+                             "Transformers' cosine spans the whole run: give max_steps "
+                             f"{o.decay_steps} for the same curve")
         m.carry("precision.dtype", "optimizer.lr", "optimizer.weight_decay", "optimizer.beta1",
-                "optimizer.beta2", "optimizer.grad_clip", "optimizer.warmup_steps", "seed",
+                "optimizer.beta2", "optimizer.grad_clip", "optimizer.warmup_steps",
+                "optimizer.lr_schedule", "seed",
                 "parallel.dp", "parallel.pp", "parallel.cp")
         ck = rc.checkpointing
         if ck.policy in ("selective", "adaptive"):

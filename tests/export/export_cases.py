@@ -32,7 +32,8 @@ CASES: dict[str, dict[str, Any]] = {
     "pack-dp4-zero3-full-bf16": _rc(
         devices=4, schedule={"policy": "pack", "micro_batch_tokens": 1024},
         parallel={"dp": 4, "zero_stage": 3}, checkpointing={"policy": "full"},
-        precision={"dtype": "bf16"}, optimizer={"warmup_steps": 20, "weight_decay": 0.1}),
+        precision={"dtype": "bf16"}, optimizer={"warmup_steps": 20, "weight_decay": 0.1,
+                                                "lr_schedule": "cosine", "decay_steps": 1000}),
     "chunkflow-dp2-tp2-zero2-selective": _rc(
         devices=4, schedule={"policy": "chunkflow", "chunk_size": 256, "chunkflow_k": 2,
                              "micro_batch_tokens": 512},

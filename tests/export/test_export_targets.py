@@ -80,9 +80,15 @@ def test_deepspeed_reads_the_config(case: str, monkeypatch: pytest.MonkeyPatch) 
     layers = rc.checkpointing.checkpointed_layers(rc.workload.model.resolve().layers)
     if layers:
         assert ds.activation_checkpointing_config.number_checkpoints == layers
-    if rc.optimizer.warmup_steps > 1:
+    o = rc.optimizer
+    if o.lr_schedule == "cosine":
+        assert ds.scheduler_name == "WarmupCosineLR"
+        assert (ds.scheduler_params["total_num_steps"], ds.scheduler_params["cos_min_ratio"],
+                ds.scheduler_params["warmup_num_steps"]) == (
+            o.decay_steps, o.min_lr_ratio, o.warmup_steps)
+    elif o.warmup_steps > 1:
         assert ds.scheduler_name == "WarmupLR"
-        assert ds.scheduler_params["warmup_num_steps"] == rc.optimizer.warmup_steps
+        assert ds.scheduler_params["warmup_num_steps"] == o.warmup_steps
     assert ds.pipeline["stages"] == (p.pp if p.pp > 1 else "auto")
     assert ds.tensor_parallel_config.autotp_size == (p.tp if p.tp > 1 else 0)
 
@@ -167,6 +173,9 @@ def test_trl_reads_the_config(case: str, tmp_path: Path) -> None:
     strategies = trl.SFTConfig.__dataclass_fields__["packing_strategy"].metadata["choices"]
     assert parsed.packing_strategy in strategies
     assert parsed.bf16 == (rc.precision.dtype == "bf16")
+    if rc.optimizer.lr_schedule == "cosine":
+        assert parsed.lr_scheduler_type == "cosine_with_min_lr"
+        assert parsed.lr_scheduler_kwargs == {"min_lr_rate": rc.optimizer.min_lr_ratio}
 
 
 def test_trl_rejects_an_unknown_key(tmp_path: Path) -> None:
@@ -188,6 +197,7 @@ _MEGATRON_INVERTED = {"disable_bias_linear": "add_bias_linear"}
 _MEGATRON_LM_ONLY = {
     "micro_batch_size", "global_batch_size", "seq_length", "reset_position_ids",
     "reset_attention_mask", "use_torch_fsdp2", "lr_decay_style", "lr_warmup_iters", "seed",
+    "lr_decay_iters",
     "max_position_embeddings", "position_embedding_type", "rotary_base",
     "untie_embeddings_and_output_weights", "group_query_attention"}
 
@@ -299,6 +309,13 @@ def test_torchtitan_reads_the_config(case: str, tmp_path: Path) -> None:
     assert (job.optimizer.lr, job.optimizer.beta2, job.debug.seed) == (
         rc.optimizer.lr, rc.optimizer.beta2, rc.seed)
     assert t.mixed_precision_param == ("bfloat16" if rc.precision.dtype == "bf16" else "float32")
+    o, sched = rc.optimizer, job.lr_scheduler
+    assert sched.warmup_steps == o.warmup_steps
+    if o.lr_schedule == "cosine":
+        assert (sched.decay_type, sched.decay_ratio, sched.total_steps, sched.min_lr_factor) == (
+            "cosine", None, o.decay_steps, o.min_lr_ratio)
+    else:
+        assert sched.decay_ratio == 0.0
     assert job.compile.enable == (rc.compile == "blocks")
     if rc.compile == "blocks":
         assert job.compile.components == ["model"]

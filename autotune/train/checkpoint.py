@@ -243,13 +243,18 @@ def load(trainer: Any, ckpt: Checkpoint) -> None:
     model_sd, optim_sd = get_state_dict(trainer.decoder, trainer.optimizer)
     flags = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in optim_sd["param_groups"]]
     state = {"model": model_sd, "optim": optim_sd}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=ckpt.path)
-    except Exception as exc:  # DCP wraps every rank's read error in its own exception types
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        raise UserError(f"{ckpt.path}: unreadable checkpoint data "
-                        f"({type(exc).__name__}: {lines[-1] if lines else ''})"[:400]) from None
+    # A BaseException: DCP gathers every rank's read error into one, raised on every rank.
+    except (Exception, CheckpointException) as exc:
+        failures = getattr(exc, "failures", None) or {trainer.ctx.rank: exc}
+        rank, first = sorted(failures.items())[0]
+        why = (str(first).splitlines() or [type(first).__name__])[0]
+        raise UserError(f"{ckpt.path}: unreadable checkpoint data (rank {rank}: {why})"[:300]
+                        ) from None
     for group, own in zip(state["optim"]["param_groups"], flags):
         group.update(own)
     set_state_dict(trainer.decoder, trainer.optimizer, model_state_dict=state["model"],

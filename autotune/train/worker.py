@@ -214,13 +214,6 @@ def measure_trial(rc: RunConfig, ctx: ParallelContext, *, steps: int, warmup: in
         canary_s=canary_s, canary_ref_s=canary_ref_s, extra=extra, fingerprint=fingerprint)
 
 
-def train_loop(rc: RunConfig, ctx: ParallelContext, *, steps: int, log_every: int,
-               fault: Fault | None) -> tuple[dict | None, Trainer]:
-    """``steps`` steps from a fresh start, no checkpoints, files or evaluation."""
-    return train(rc, ctx, TrainOptions(steps=steps, log_every=log_every, eval_every=0),
-                 fault=fault)
-
-
 def dump_params(trainer: Trainer, folder: Path, ctx: ParallelContext) -> None:
     """Full (unsharded) parameters of this rank as .npz, for tests that compare replicas and
     runs; every rank calls it, since gathering shards is collective."""

@@ -10,9 +10,11 @@ process, which every layout matches within that tolerance.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,19 +78,28 @@ def _ranks(cfg: dict, tmp: Path, name: str, **opts) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[float]:
-    """The uninterrupted run on one process, saving nothing."""
-    return _local(_cfg(), steps=STEPS)["losses"]
+def reference_run() -> tuple[list[float], Any]:
+    """The uninterrupted run on one process, saving nothing: its losses and its model."""
+    rc = RunConfig.model_validate(_cfg())
+    summary, trainer = train(rc, ParallelContext(device=torch.device("cpu")),
+                             TrainOptions(steps=STEPS, eval_every=0))
+    return summary["losses"], trainer.decoder
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: tuple[list[float], Any]) -> list[float]:
+    return reference_run[0]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Checkpoints at step 3 under three layouts: one process, FSDP ZeRO 3 on 2 ranks and
-    tensor parallelism on 2 ranks; and each 2-rank run's own uninterrupted losses."""
+    """Checkpoints at step 3 under four layouts: one process, and on 2 ranks FSDP ZeRO 3,
+    tensor parallelism and pipeline parallelism (each stage writes its own layers)."""
     tmp = tmp_path_factory.mktemp("saved")
     _local(_cfg(), steps=SAVE_AT, save=tmp / "single")
     out = {"single": tmp / "single"}
-    for name, parallel in (("zero3", {"dp": 2, "zero_stage": 3}), ("tp2", {"tp": 2})):
+    for name, parallel in (("zero3", {"dp": 2, "zero_stage": 3}), ("tp2", {"tp": 2}),
+                           ("pp2", {"pp": 2})):
         _ranks(_cfg(parallel), tmp, name, steps=SAVE_AT, save=tmp / name)
         out[name] = tmp / name
     return out
@@ -102,12 +113,39 @@ def test_exact_resume_one_process(tmp_path: Path, reference: list[float]) -> Non
     assert rest["losses"] == reference[SAVE_AT:]  # bit for bit
 
 
-def test_exact_resume_two_ranks(tmp_path: Path, saved: dict[str, Path]) -> None:
+def test_exact_resume_two_ranks(tmp_path: Path, saved: dict[str, Path],
+                               reference_run: tuple[list[float], Any]) -> None:
     cfg = _cfg({"dp": 2, "zero_stage": 3})
     whole = _ranks(cfg, tmp_path, "whole", steps=STEPS)
-    rest = _ranks(cfg, tmp_path, "rest", steps=STEPS, resume=saved["zero3"])
+    rest = _ranks(cfg, tmp_path, "rest", steps=STEPS, resume=saved["zero3"],
+                  export_hf=tmp_path / "hf")
     assert rest["start_step"] == SAVE_AT and rest["notes"] == []
     assert rest["losses"] == whole["losses"][SAVE_AT:]  # bit for bit
+    # The shards gathered and exported load in transformers and give the logits of the same
+    # run on one process (its weights within the parity tests' 2e-5; fp32 logits to 1e-4).
+    transformers = pytest.importorskip("transformers")
+    from test_hf_export import _ours
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ids = torch.randint(0, 96, (50,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf.eval()(ids[None]).logits[0]
+    torch.testing.assert_close(theirs, _ours(reference_run[1], ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_refusal_on_two_ranks_is_one_line(tmp_path: Path, saved: dict[str, Path],
+                                            capsys: pytest.CaptureFixture) -> None:
+    """Damage only the ranks can see (the shard index replaced by as many other bytes): they
+    refuse, and the command says so in one line, exit 2."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(saved["zero3"], ck)
+    meta = next(ck.glob("step-*")) / ".metadata"
+    meta.write_bytes(bytes(len(meta.read_bytes())))
+    run = _cli_cfg(tmp_path, _cfg({"dp": 2, "zero_stage": 3}))
+    err = _refused(capsys, "train", run, "--steps", str(STEPS), "--resume", str(ck))
+    assert "unreadable checkpoint data" in err
 
 
 ELASTIC = {
@@ -116,6 +154,7 @@ ELASTIC = {
     "dp1-to-dp2": ("single", ({"dp": 2, "zero_stage": 2}, {}), True),
     "zero3-to-ddp": ("zero3", ({"dp": 2, "zero_stage": 0}, {}), True),
     "tp2-to-tp1": ("tp2", ({}, {}), False),
+    "pp2-to-pp1": ("pp2", ({}, {}), False),
     "pack-to-chunkflow": ("single", ({}, {"policy": "chunkflow", "chunk_size": 64}), False),
 }
 
@@ -139,8 +178,6 @@ def _cli_cfg(tmp: Path, cfg: dict) -> str:
 
 
 def _autotune(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
                           text=True, timeout=300, env=os.environ | (env or {}))
 
@@ -243,3 +280,81 @@ def test_cosine_schedule_by_hand() -> None:
     assert o.lr_factor(10) == pytest.approx(0.1) and o.lr_factor(50) == pytest.approx(0.1)
     assert OptimizerConfig(warmup_steps=4).lr_factor(1) == 0.5  # constant after warm-up
     assert OptimizerConfig(warmup_steps=4).lr_factor(9) == 1.0
+
+
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def _kill_and_resume(run: str, ck: Path, steps: int, save_every: int, kills: int,
+                     seed: int) -> tuple[dict, list[int]]:
+    """``autotune train`` SIGKILLed at ``kills`` random steps, each time started again with
+    ``--resume``, then left to finish. Returns the last run's summary and the kill steps."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(seed)
+    args = [sys.executable, "-m", "autotune", "train", run, "--steps", str(steps), "--save",
+            str(ck), "--save-every", str(save_every), "--eval-every", "0", "--json"]
+    killed_at = []
+    for k in range(kills + 1):
+        resume = ["--resume", str(ck)] if k else []
+        proc = subprocess.Popen(args + resume, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if k == kills:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-2000:]
+            return json.loads(out), killed_at
+        start = checkpoint.find(ck).step if k and checkpoint.find(ck) else 0
+        target = int(rng.integers(start + 1, steps))  # a step this run trains, not its last
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [r["step"] for r in read_metrics(ck) if r["kind"] == "train"]
+            if done and done[-1] >= target:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        killed_at.append(max([r["step"] for r in read_metrics(ck) if r["kind"] == "train"],
+                             default=0))
+    raise AssertionError("unreachable")
+
+
+def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(
+        tmp_path: Path, reference: list[float]) -> None:
+    cfg = _cfg()
+    cfg["optimizer"]["decay_steps"] = 12
+    run = _cli_cfg(tmp_path, cfg)
+    whole = _local(cfg, steps=12)
+    final, killed = _kill_and_resume(run, tmp_path / "ck", steps=12, save_every=3, kills=3,
+                                     seed=0)
+    assert len(killed) == 3
+    assert final["final_step"] == 12 and final["final_loss"] == whole["final_loss"]
+    records = [r for r in read_metrics(tmp_path / "ck") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 13))  # none lost, none twice
+    assert [r["loss"] for r in records] == whole["losses"]
+    assert _tensorboard_steps(tmp_path / "ck", "train/loss") == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_acceptance_example_killed_five_times(tmp_path: Path) -> None:
+    """The issue's own command: examples/chunkflow.yaml, 40 steps, a checkpoint every 10,
+    SIGKILL at five random steps. About 3 minutes on 2 cores."""
+    run = str(Path(__file__).parents[2] / "examples" / "chunkflow.yaml")
+    proc = _autotune("train", run, "--steps", "40", "--save", str(tmp_path / "whole"),
+                     "--save-every", "10", "--eval-every", "0", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole = json.loads(proc.stdout)
+    final, killed = _kill_and_resume(run, tmp_path / "ck", steps=40, save_every=10, kills=5,
+                                     seed=int.from_bytes(os.urandom(2), "little"))
+    print(f"killed after steps {killed}; final loss {final['final_loss']!r}, "
+          f"uninterrupted {whole['final_loss']!r}")
+    assert final["final_loss"] == whole["final_loss"]  # bit for bit
+    records = [r for r in read_metrics(tmp_path / "ck") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["loss"] for r in records] == whole["losses"]

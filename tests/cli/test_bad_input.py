@@ -130,6 +130,8 @@ def test_bad_runconfig(tmp_path: Path, capsys: pytest.CaptureFixture, case: str,
     (["run", "--nproc", "99"], "99 CPU ranks on"),
     (["measure", "{cfg}", "--nproc", "2"], "2 processes x 1 nodes = 2 ranks, but dp*tp*pp*cp = 1"),
     (["train", "{cfg}", "--nnodes", "2", "--nproc", "1"], "--nnodes > 1 needs --rdzv-endpoint"),
+    (["train", "{cfg}", "--resume", "{tmp}/nowhere"], "nowhere: no such checkpoint folder"),
+    (["train", "{cfg}", "--keep", "0"], "expected a positive integer, got 0"),
 ])
 def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
                    expected: str) -> None:

@@ -261,6 +261,27 @@ def test_foreign_checkpoint_is_refused(one_checkpoint: tuple[Path, Path],
                                  "--resume", str(tmp / "missing"))
 
 
+def test_eval_metrics_and_export_of_one_run(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    run = _cli_cfg(tmp_path, _cfg())
+    logs, hf = tmp_path / "logs", tmp_path / "hf"
+    assert main(["train", run, "--steps", "4", "--eval-every", "2", "--log-dir", str(logs),
+                 "--export-hf", str(hf), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in summary["eval"]] == [2, 4]
+    records = read_metrics(logs)
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert [r["loss"] for r in records if r["kind"] == "eval"] == [
+        e["eval_loss"] for e in summary["eval"]]
+    o = RunConfig.model_validate(_cfg()).optimizer
+    assert [r["lr"] for r in records if r["kind"] == "train"] == [
+        o.lr * o.lr_factor(i) for i in range(4)]
+    assert _tensorboard_steps(logs, "eval/loss") == [2, 4]
+    assert _tensorboard_steps(logs, "train/tokens_per_s") == [1, 2, 3, 4]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_keep_prunes_old_checkpoints(tmp_path: Path) -> None:
     _local(_cfg(), steps=4, save=tmp_path / "ck", save_every=1, keep=2)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == [

@@ -68,6 +68,8 @@ def resolve(rc: RunConfig, opts: TrainOptions) -> tuple[RunConfig, checkpoint.Ch
     if opts.eval_every and rc.workload.data.path is not None:
         raise UserError("--eval-every: a held-out set is drawn from a synthetic data preset; "
                         "this workload reads a file")
+    if opts.resume is None:
+        _refuse_overwrite(opts)
     ckpt = checkpoint.find(opts.resume) if opts.resume is not None else None
     if opts.resume is not None and ckpt is None:
         opts.notes.append(f"{opts.resume} holds no checkpoint yet: starting at step 0")
@@ -77,6 +79,21 @@ def resolve(rc: RunConfig, opts: TrainOptions) -> tuple[RunConfig, checkpoint.Ch
             raise UserError(f"{ckpt.path}: the checkpoint is at step {ckpt.step}, past "
                             f"--steps {opts.steps}")
     return rc, ckpt
+
+
+def _refuse_overwrite(opts: TrainOptions) -> None:
+    """A fresh run would overwrite another run's checkpoints as it reaches their steps, and
+    its metrics from the first step: the same command without --resume is a slip."""
+    from autotune.train.metrics import read_metrics
+
+    if opts.save is not None and opts.save.is_dir():
+        held = checkpoint.find(opts.save)
+        if held is not None:
+            raise UserError(f"{opts.save} holds a checkpoint at step {held.step}: add "
+                            f"--resume {opts.save} to continue that run, or save elsewhere")
+    if opts.metrics_dir is not None and read_metrics(opts.metrics_dir):
+        raise UserError(f"{opts.metrics_dir} holds the metrics of another run: add --resume "
+                        "to continue it, or log elsewhere")
 
 
 def _can_evaluate(rc: RunConfig) -> bool:
@@ -104,11 +121,8 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
     """Train to ``opts.steps`` (every rank calls it); rank 0 returns the run's summary."""
     from profilers.progress import progress
 
-    rc, ckpt = resolve(rc, opts)
+    rc, ckpt = resolve(rc, opts)  # its notes go to the summary; autotune train prints them
     rank0 = ctx.rank == 0
-    for note in opts.notes:
-        if rank0:
-            log.info("resume: %s", note)
     trainer = Trainer(rc, ctx=ctx, time_compute=False)
     if ckpt is not None:
         checkpoint.load(trainer, ckpt)

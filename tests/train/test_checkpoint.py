@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_distributed import BASE as PARITY_BASE
+from test_distributed import LOSS_RTOL  # another summation order over a few steps
 
 from autotune.cli import main
 from autotune.config import RunConfig
@@ -29,18 +31,11 @@ from autotune.train.distributed import ParallelContext
 from autotune.train.metrics import read_metrics
 from autotune.train.session import TrainOptions, train
 
-LOSS_RTOL = 1e-5  # the parity tests' bound for another summation order over a few steps
 SAVE_AT, STEPS = 3, 6
-BASE = {
-    "workload": {
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": 96},
-        "data": {"preset": "longsft", "num_sequences": 400, "max_len": 256},
-        "budget": {"global_batch_tokens": 1024},
-    },
-    "schedule": {"policy": "pack", "micro_batch_tokens": 128},
-    # warm-up and cosine: a resume at the wrong step would train at the wrong rate
-    "optimizer": {"warmup_steps": 2, "lr_schedule": "cosine", "decay_steps": 8, "lr": 3e-3},
-}
+# The parity tests' model and data, with warm-up and cosine: a resume at the wrong step
+# would train at the wrong rate.
+BASE = PARITY_BASE | {"optimizer": {"warmup_steps": 2, "lr_schedule": "cosine",
+                                    "decay_steps": 8, "lr": 3e-3}}
 
 
 def _cfg(parallel: dict | None = None, **schedule) -> dict:
@@ -280,6 +275,18 @@ def test_eval_metrics_and_export_of_one_run(tmp_path: Path,
     assert _tensorboard_steps(logs, "eval/loss") == [2, 4]
     assert _tensorboard_steps(logs, "train/tokens_per_s") == [1, 2, 3, 4]
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_fresh_run_never_overwrites_another(one_checkpoint: tuple[Path, Path],
+                                               capsys: pytest.CaptureFixture) -> None:
+    ck, tmp = one_checkpoint
+    run = _cli_cfg(tmp, _cfg())
+    before = {p: p.stat().st_mtime_ns for p in ck.rglob("*")}
+    err = _refused(capsys, "train", run, "--steps", "4", "--save", str(ck))
+    assert "holds a checkpoint at step 2" in err and "--resume" in err
+    err = _refused(capsys, "train", run, "--steps", "4", "--log-dir", str(ck))
+    assert "holds the metrics of another run" in err
+    assert {p: p.stat().st_mtime_ns for p in ck.rglob("*")} == before
 
 
 def test_keep_prunes_old_checkpoints(tmp_path: Path) -> None:

@@ -152,10 +152,10 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
         for step in range(start + 1, opts.steps + 1):
             if fault:
                 fault.maybe_fire(rank=ctx.rank, step=step)
-            lr = rc.optimizer.lr * rc.optimizer.lr_factor(step - 1)
             t0 = time.perf_counter()
             r = trainer.step()
             dt = time.perf_counter() - t0
+            lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applied
             history.append((r, dt))
             metrics.write("train", r.step, loss=r.loss, lr=lr, tokens=r.tokens,
                           tokens_per_s=r.tokens / dt, grad_norm=r.grad_norm, step_s=dt)

@@ -78,15 +78,53 @@ def _launch(args: argparse.Namespace, launch, opts) -> dict | None:
             args.runconfig, "--mode", "train", "--steps", str(args.steps),
             "--log-every", str(args.log_every), "--out", str(out), "--error-out", str(err),
             "--train-options", json.dumps(wire)])
-        code = subprocess.run(guarded(argv), check=False).returncode
+        code = _run_passing_stops(guarded(argv))
         if err.is_file():
             raise UserError(err.read_text().strip())
+        if out.is_file() and json.loads(out.read_text()).get("stopped_by"):
+            return json.loads(out.read_text())  # the launcher, signalled too, exits non-zero
         if code != 0 or not out.is_file():
             if launch.node_rank != 0 and code == 0:
                 return None
             print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
             raise SystemExit(1)
         return json.loads(out.read_text())
+
+
+def _run_passing_stops(argv: list[str]) -> int:
+    """Run the launcher; SIGTERM or SIGINT here goes on to the ranks themselves, which save
+    and stop after their step (torchrun would tear them down within 30 s); a second SIGINT
+    kills them."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(argv)
+    seen: list[int] = []
+
+    def ranks() -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "autotune.train.worker" in " ".join(p.cmdline())]
+        return []
+
+    def on_signal(signum: int, frame: object) -> None:
+        again = signum == signal.SIGINT and signal.SIGINT in seen
+        seen.append(signum)
+        for p in ranks():
+            with contextlib.suppress(psutil.Error):
+                p.kill() if again else p.send_signal(signum)
+        if not again:
+            print(f"autotune: {signal.Signals(signum).name}: the ranks stop after this step "
+                  "and a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,8 +147,18 @@ def run(args: argparse.Namespace) -> int:
         summary = _launch(args, launch, opts)
     if summary is None:  # not the node holding rank 0 of a multi-node run
         return 0
+    stopped = summary.get("stopped_by")
+    if stopped:
+        print(f"autotune: stopped by {stopped} after step {summary['final_step']} of "
+              f"{args.steps}, checkpoint {summary['checkpoints'][-1]}: the same command with "
+              f"--resume {args.save} continues the run", file=sys.stderr)
     if args.json:
         print_json(summary)
+    if stopped:
+        import signal
+
+        return 128 + signal.Signals[stopped].value
+    if args.json:
         return 0
     loss = summary["final_loss"]
     print(f"{summary['config']}: steps {summary['start_step']}-{summary['final_step']} on "

@@ -41,7 +41,7 @@ from autotune import __version__
 from autotune.config import RunConfig
 from autotune.errors import UserError
 
-__all__ = ["Checkpoint", "FORMAT", "compare", "find", "load", "prune", "save"]
+__all__ = ["Checkpoint", "FORMAT", "compare", "dirname", "find", "load", "prune", "save"]
 
 FORMAT = "autotune-checkpoint/1"
 META = "autotune.json"
@@ -64,7 +64,7 @@ class Checkpoint:
     world: int
 
 
-def _dirname(step: int) -> str:
+def dirname(step: int) -> str:
     return f"step-{step:08d}"
 
 
@@ -185,8 +185,8 @@ def save(trainer: Any, root: Path, *, fault: Any = None) -> Path:
 
     ctx, step = trainer.ctx, trainer.step_count
     root = Path(root)
-    final = root / _dirname(step)
-    tmp = root / f".tmp-{_dirname(step)}"
+    final = root / dirname(step)
+    tmp = root / f".tmp-{dirname(step)}"
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save

@@ -4,8 +4,12 @@ Hugging Face export of the final weights."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from autotune.train.faults import Fault
 from autotune.train.metrics import MetricsLog
 from autotune.train.trainer import StepResult, Trainer
 
-__all__ = ["TrainOptions", "resolve", "train"]
+__all__ = ["StopRequest", "TrainOptions", "resolve", "train"]
 
 log = logging.getLogger("autotune.train")
 DEFAULT_SAVE_EVERY = 500
@@ -96,6 +100,46 @@ def _refuse_overwrite(opts: TrainOptions) -> None:
                         "to continue it, or log elsewhere")
 
 
+class StopRequest:
+    """SIGTERM or SIGINT (a scheduler's preemption notice, Ctrl-C) while a run saves
+    checkpoints: the rank finishes its step, then every rank saves and stops together, so
+    the run resumes from where it was stopped. In a single process a second SIGINT stops
+    at once; ranks ignore repeats (the launcher and autotune train both pass one on)."""
+
+    def __init__(self, *, repeat_interrupts: bool = False) -> None:
+        self.signum = 0
+        self.repeat_interrupts = repeat_interrupts
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.repeat_interrupts and self.signum == signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    @contextlib.contextmanager
+    def armed(self, enabled: bool) -> Iterator[StopRequest]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.signal(sig, self._note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def agreed(self, ctx: ParallelContext) -> int:
+        """The signal any rank received (0: none), the same on every rank. One 8-byte
+        all-reduce per step: ranks signalled a moment apart must stop at the same step."""
+        if not ctx.distributed:
+            return self.signum
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([self.signum], dtype=torch.int64, device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
 def _can_evaluate(rc: RunConfig) -> bool:
     return rc.parallel.pp == 1 and rc.workload.data.path is None
 
@@ -134,7 +178,6 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
 
         held_out = load_eval_dataset(rc.workload.data, trainer.dims, opts.eval_sequences)
     metrics = MetricsLog(opts.metrics_dir, resume_step=start, enabled=rank0)
-    save_every = opts.save_every or DEFAULT_SAVE_EVERY
     history: list[tuple[StepResult, float]] = []
     evals: list[dict[str, Any]] = []
     saved: list[str] = []
@@ -148,37 +191,21 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
 
     bar = progress(total=opts.steps, initial=start, unit="step", desc=rc.label(),
                    enabled=rank0, leave=False)
-    try:
-        for step in range(start + 1, opts.steps + 1):
-            if fault:
-                fault.maybe_fire(rank=ctx.rank, step=step)
-            t0 = time.perf_counter()
-            r = trainer.step()
-            dt = time.perf_counter() - t0
-            lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applied
-            history.append((r, dt))
-            metrics.write("train", r.step, loss=r.loss, lr=lr, tokens=r.tokens,
-                          tokens_per_s=r.tokens / dt, grad_norm=r.grad_norm, step_s=dt)
-            bar.update(1)
-            bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens / dt:,.0f}")
-            if rank0 and bar.disable and (r.step % opts.log_every == 0 or r.step == opts.steps):
-                log.info("step %d loss %.4f tokens %d tok/s %.0f", r.step, r.loss, r.tokens,
-                         r.tokens / dt)
-            if held_out is not None and opts.eval_every and r.step % opts.eval_every == 0:
-                run_eval(r.step)
-            if opts.save is not None and (r.step % save_every == 0 or r.step == opts.steps):
-                path = checkpoint.save(trainer, opts.save, fault=fault)
-                saved.append(str(path))
-                if rank0 and opts.keep:
-                    checkpoint.prune(opts.save, opts.keep)
-        # A resume with nothing left to train has its evaluation in the log already.
-        if held_out is not None and history and (
-                not evals or evals[-1]["step"] != trainer.step_count):
-            run_eval(trainer.step_count)
-    finally:
-        bar.close()
-        metrics.close()
-    exported = export_hf(trainer, opts.export_hf) if opts.export_hf is not None else []
+    stopped = 0
+    stop_request = StopRequest(repeat_interrupts=not ctx.distributed)
+    with stop_request.armed(opts.save is not None) as stop:
+        try:
+            stopped = _steps(trainer, opts, start, fault, stop, bar, metrics, history, saved,
+                             run_eval if held_out is not None else None)
+            # A resume with nothing left to train has its evaluation in the log already.
+            if held_out is not None and history and not stopped and (
+                    not evals or evals[-1]["step"] != trainer.step_count):
+                run_eval(trainer.step_count)
+        finally:
+            bar.close()
+            metrics.close()
+    exported = (export_hf(trainer, opts.export_hf)
+                if opts.export_hf is not None and not stopped else [])
     if not rank0:
         return None, trainer
     tokens = sum(r.tokens for r, _ in history)
@@ -190,4 +217,48 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
             "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else None,
             "wall_s": seconds, "eval": evals, "checkpoints": saved,
             "resumed_from": str(ckpt.path) if ckpt is not None else None,
+            "stopped_by": signal.Signals(stopped).name if stopped else None,
             "notes": opts.notes, "exported": [str(p) for p in exported]}, trainer
+
+
+def _steps(trainer: Trainer, opts: TrainOptions, start: int, fault: Fault | None,
+           stop: StopRequest, bar: Any, metrics: MetricsLog,
+           history: list[tuple[StepResult, float]], saved: list[str],
+           run_eval: Any) -> int:
+    """Steps ``start + 1`` to ``opts.steps``; returns the signal that stopped them early
+    (after a checkpoint of the last step run), or 0."""
+    ctx, rank0 = trainer.ctx, trainer.ctx.rank == 0
+    save_every = opts.save_every or DEFAULT_SAVE_EVERY
+
+    def save() -> None:
+        saved.append(str(checkpoint.save(trainer, opts.save, fault=fault)))
+        if rank0 and opts.keep:
+            checkpoint.prune(opts.save, opts.keep)
+
+    for step in range(start + 1, opts.steps + 1):
+        if fault:
+            fault.maybe_fire(rank=ctx.rank, step=step)
+        t0 = time.perf_counter()
+        r = trainer.step()
+        dt = time.perf_counter() - t0
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step applied
+        history.append((r, dt))
+        metrics.write("train", r.step, loss=r.loss, lr=lr, tokens=r.tokens,
+                      tokens_per_s=r.tokens / dt, grad_norm=r.grad_norm, step_s=dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.loss:.4f}", tok_s=f"{r.tokens / dt:,.0f}")
+        if rank0 and bar.disable and (r.step % opts.log_every == 0 or r.step == opts.steps):
+            log.info("step %d loss %.4f tokens %d tok/s %.0f", r.step, r.loss, r.tokens,
+                     r.tokens / dt)
+        if run_eval is not None and opts.eval_every and r.step % opts.eval_every == 0:
+            run_eval(r.step)
+        if opts.save is None:
+            continue
+        if r.step % save_every == 0 or r.step == opts.steps:
+            save()
+        signum = stop.agreed(ctx)
+        if signum and r.step < opts.steps:
+            if saved[-1:] != [str(opts.save / checkpoint.dirname(r.step))]:
+                save()
+            return signum
+    return 0

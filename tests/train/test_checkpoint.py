@@ -386,3 +386,54 @@ def test_acceptance_example_killed_five_times(tmp_path: Path) -> None:
     records = [r for r in read_metrics(tmp_path / "ck") if r["kind"] == "train"]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert [r["loss"] for r in records] == whole["losses"]
+
+
+def _signal_after(args: list[str], ck: Path, step: int, signum: int
+                  ) -> subprocess.CompletedProcess:
+    """``autotune train ARGS`` sent ``signum`` once its metrics show ``step``."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if [r for r in read_metrics(ck) if r["kind"] == "train" and r["step"] >= step]:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_saves_and_stops_then_resume_continues(ranks: int, tmp_path: Path) -> None:
+    """A preemption notice: the run finishes its step, saves it and exits 128 + 15; the
+    checkpoint resumes as any other (bit for bit on one process, within the parity
+    tolerance against one process on two ranks)."""
+    import signal
+
+    import psutil
+
+    cfg = _cfg({"dp": 2, "zero_stage": 2} if ranks == 2 else {})
+    run, ck = _cli_cfg(tmp_path, cfg), tmp_path / "ck"
+    before = {p.pid for p in psutil.process_iter()}
+    proc = _signal_after(["train", run, "--steps", "500", "--save", str(ck), "--eval-every",
+                          "0", "--json"], ck, step=4, signum=signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped by SIGTERM after step" in proc.stderr and "--resume" in proc.stderr
+    stopped = json.loads(proc.stdout)["final_step"]
+    assert 4 <= stopped < 500 and checkpoint.find(ck).step == stopped
+    assert [r["step"] for r in read_metrics(ck)] == list(range(1, stopped + 1))
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                and "autotune.train.worker" in " ".join(p.info["cmdline"] or [])]
+    assert not leftover  # no rank outlives the command
+    rest = _autotune("train", run, "--steps", str(stopped + 2), "--save", str(ck), "--resume",
+                     str(ck), "--eval-every", "0", "--json")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    losses = json.loads(rest.stdout)["losses"]
+    ref = _local(_cfg(), steps=stopped + 2)["losses"][stopped:]
+    if ranks == 1:
+        assert losses == ref
+    else:
+        np.testing.assert_allclose(losses, ref, rtol=LOSS_RTOL)

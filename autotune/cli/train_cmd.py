@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,27 +69,23 @@ def _options(args: argparse.Namespace):
 
 
 def _launch(args: argparse.Namespace, launch, opts) -> dict | None:
-    fields = ("save", "save_every", "keep", "resume", "force", "eval_every", "eval_sequences",
-              "log_dir", "export_hf")
-    wire = {k: (str(v) if isinstance(v, Path) else v) for k in fields
-            if (v := getattr(opts, k)) is not None or k == "eval_every"}
     with tempfile.TemporaryDirectory(prefix="autotune-train-") as tmp:
         out, err = Path(tmp) / "summary.json", Path(tmp) / "error.txt"
         argv = launch.argv("autotune.train.worker", [
             args.runconfig, "--mode", "train", "--steps", str(args.steps),
             "--log-every", str(args.log_every), "--out", str(out), "--error-out", str(err),
-            "--train-options", json.dumps(wire)])
+            "--train-options", opts.to_json()])
         code = _run_passing_stops(guarded(argv))
         if err.is_file():
             raise UserError(err.read_text().strip())
-        if out.is_file() and json.loads(out.read_text()).get("stopped_by"):
-            return json.loads(out.read_text())  # the launcher, signalled too, exits non-zero
-        if code != 0 or not out.is_file():
-            if launch.node_rank != 0 and code == 0:
-                return None
-            print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
-            raise SystemExit(1)
-        return json.loads(out.read_text())
+        summary = json.loads(out.read_text()) if out.is_file() else None
+        # A stopped run's launcher, signalled too, exits non-zero after the ranks saved.
+        if summary is not None and (code == 0 or summary.get("stopped_by")):
+            return summary
+        if launch.node_rank != 0 and code == 0:
+            return None
+        print(f"autotune: training failed (launcher exit code {code})", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _run_passing_stops(argv: list[str]) -> int:
@@ -96,7 +93,6 @@ def _run_passing_stops(argv: list[str]) -> int:
     and stop after their step (torchrun would tear them down within 30 s); a second SIGINT
     kills them."""
     import contextlib
-    import signal
 
     import psutil
 
@@ -133,16 +129,15 @@ def run(args: argparse.Namespace) -> int:
     rc, dataset = load_runconfig(args.runconfig)
     launch = launch_from_args(rc, args)
     opts = _options(args)
-    resolve(rc, opts)  # a checkpoint that does not fit is refused before any rank starts
-    for note in opts.notes:
+    start = resolve(rc, opts)  # a checkpoint that does not fit is refused before any rank starts
+    for note in start.notes:
         print(f"resume: {note}", file=sys.stderr)
-    opts.notes = []
     if launch.world == 1:
         from autotune.train.distributed import init_parallel
         from autotune.train.faults import Fault
         from autotune.train.session import train
 
-        summary, _ = train(rc, init_parallel(rc), opts, fault=Fault.from_env())
+        summary, _ = train(rc, init_parallel(rc), opts, fault=Fault.from_env(), start=start)
     else:
         summary = _launch(args, launch, opts)
     if summary is None:  # not the node holding rank 0 of a multi-node run
@@ -155,8 +150,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     if stopped:
-        import signal
-
         return 128 + signal.Signals[stopped].value
     if args.json:
         return 0

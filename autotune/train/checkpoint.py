@@ -40,6 +40,7 @@ import torch
 from autotune import __version__
 from autotune.config import RunConfig
 from autotune.errors import UserError
+from profilers.store import atomic_write_text
 
 __all__ = ["Checkpoint", "FORMAT", "compare", "dirname", "find", "load", "prune", "save"]
 
@@ -204,10 +205,7 @@ def save(trainer: Any, root: Path, *, fault: Any = None) -> Path:
         meta = {"format": FORMAT, "autotune": __version__, "step": step, "world": ctx.world,
                 "layout": _layout(trainer.rc), "runconfig": trainer.rc.model_dump(mode="json"),
                 "files": files}
-        with open(tmp / META, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_text(tmp / META, json.dumps(meta, indent=2))
         if final.exists():  # the same step saved again (a resumed run's last step)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from autotune.config import ModelDims
+from autotune.config import ModelDims, ModelSpec
 from autotune.errors import UserError
 
 __all__ = ["write_hf"]
@@ -47,10 +47,8 @@ def _names(dims: ModelDims) -> dict[str, str]:
 
 def _config(dims: ModelDims, hf_config: Path | None) -> dict:
     if hf_config is not None:
-        from autotune.config._model import _dims_from_hf
-
         # The user's file travels with the weights, so it must describe these weights.
-        if _dims_from_hf(hf_config) != dims:
+        if ModelSpec(hf_config=str(hf_config)).resolve() != dims:
             raise UserError(f"hf export: {hf_config} does not describe the model's dimensions")
         cfg = json.loads(hf_config.read_text(encoding="utf-8"))
         cfg["torch_dtype"] = "float32"

@@ -5,12 +5,14 @@ Hugging Face export of the final weights."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from autotune.train.faults import Fault
 from autotune.train.metrics import MetricsLog
 from autotune.train.trainer import StepResult, Trainer
 
-__all__ = ["StopRequest", "TrainOptions", "resolve", "train"]
+__all__ = ["Start", "StopRequest", "TrainOptions", "resolve", "train"]
 
 log = logging.getLogger("autotune.train")
 DEFAULT_SAVE_EVERY = 500
@@ -41,11 +43,34 @@ class TrainOptions:
     eval_sequences: int = 64
     log_dir: Path | None = None  # None: the save folder, if any
     export_hf: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def metrics_dir(self) -> Path | None:
         return self.log_dir or self.save
+
+    def to_json(self) -> str:
+        """What ``autotune train`` hands each rank (``worker --train-options``)."""
+        return json.dumps({k: str(v) if isinstance(v, Path) else v
+                           for k, v in dataclasses.asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainOptions:
+        values = json.loads(text)
+        return cls(**{k: Path(v) if k in _PATHS and v is not None else v
+                      for k, v in values.items()})
+
+
+_PATHS = ("save", "resume", "log_dir", "export_hf")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: its RunConfig (a cosine horizon resolved), the checkpoint it
+    resumes, and what the resume changes (one line each)."""
+
+    rc: RunConfig
+    ckpt: checkpoint.Checkpoint | None
+    notes: list[str]
 
 
 def horizon(rc: RunConfig, steps: int) -> RunConfig:
@@ -60,29 +85,27 @@ def horizon(rc: RunConfig, steps: int) -> RunConfig:
     return rc.model_copy(update={"optimizer": o.model_copy(update={"decay_steps": steps})})
 
 
-def resolve(rc: RunConfig, opts: TrainOptions) -> tuple[RunConfig, checkpoint.Checkpoint | None]:
-    """The RunConfig to train and the checkpoint to start from, every problem refused as a
-    UserError before any rank builds anything; notes of a layout change go to ``opts``."""
+def resolve(rc: RunConfig, opts: TrainOptions) -> Start:
+    """Where the run starts, every problem refused as a UserError before any rank builds
+    anything."""
     rc = horizon(rc, opts.steps)
     if opts.export_hf is not None and rc.parallel.pp > 1:
         raise UserError("--export-hf gathers the whole model, which pipeline stages do not "
                         "hold: resume the checkpoint with parallel.pp 1 to export it")
-    if opts.eval_every and rc.parallel.pp > 1:
-        raise UserError("--eval-every: evaluation runs with parallel.pp 1 only")
-    if opts.eval_every and rc.workload.data.path is not None:
-        raise UserError("--eval-every: a held-out set is drawn from a synthetic data preset; "
-                        "this workload reads a file")
+    if opts.eval_every and not _can_evaluate(rc):
+        raise UserError("--eval-every: evaluation needs parallel.pp 1 and a synthetic data "
+                        "preset, which the held-out set is drawn from")
     if opts.resume is None:
         _refuse_overwrite(opts)
-    ckpt = checkpoint.find(opts.resume) if opts.resume is not None else None
-    if opts.resume is not None and ckpt is None:
-        opts.notes.append(f"{opts.resume} holds no checkpoint yet: starting at step 0")
-    if ckpt is not None:
-        opts.notes += checkpoint.compare(ckpt.runconfig, rc, where=ckpt.path, force=opts.force)
-        if ckpt.step > opts.steps:
-            raise UserError(f"{ckpt.path}: the checkpoint is at step {ckpt.step}, past "
-                            f"--steps {opts.steps}")
-    return rc, ckpt
+        return Start(rc, None, [])
+    ckpt = checkpoint.find(opts.resume)
+    if ckpt is None:
+        return Start(rc, None, [f"{opts.resume} holds no checkpoint yet: starting at step 0"])
+    notes = checkpoint.compare(ckpt.runconfig, rc, where=ckpt.path, force=opts.force)
+    if ckpt.step > opts.steps:
+        raise UserError(f"{ckpt.path}: the checkpoint is at step {ckpt.step}, past "
+                        f"--steps {opts.steps}")
+    return Start(rc, ckpt, notes)
 
 
 def _refuse_overwrite(opts: TrainOptions) -> None:
@@ -161,23 +184,24 @@ def export_hf(trainer: Trainer, out: Path) -> list[Path]:
 
 
 def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
-          fault: Fault | None = None) -> tuple[dict | None, Trainer]:
-    """Train to ``opts.steps`` (every rank calls it); rank 0 returns the run's summary."""
+          fault: Fault | None = None, start: Start | None = None) -> tuple[dict | None, Trainer]:
+    """Train to ``opts.steps`` (every rank calls it) from ``start`` (``resolve``'s, which
+    this calls where the caller has not); rank 0 returns the run's summary."""
     from profilers.progress import progress
 
-    rc, ckpt = resolve(rc, opts)  # its notes go to the summary; autotune train prints them
+    begin = start or resolve(rc, opts)
+    rc, ckpt = begin.rc, begin.ckpt
     rank0 = ctx.rank == 0
     trainer = Trainer(rc, ctx=ctx, time_compute=False)
     if ckpt is not None:
         checkpoint.load(trainer, ckpt)
-    start = trainer.step_count
+    first = trainer.step_count
     held_out = None
-    evaluate = opts.eval_every != 0 and _can_evaluate(rc)
-    if evaluate:
+    if opts.eval_every != 0 and _can_evaluate(rc):
         from autotune.data import load_eval_dataset
 
         held_out = load_eval_dataset(rc.workload.data, trainer.dims, opts.eval_sequences)
-    metrics = MetricsLog(opts.metrics_dir, resume_step=start, enabled=rank0)
+    metrics = MetricsLog(opts.metrics_dir, resume_step=first, enabled=rank0)
     history: list[tuple[StepResult, float]] = []
     evals: list[dict[str, Any]] = []
     saved: list[str] = []
@@ -189,13 +213,12 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
         if rank0:
             log.info("step %d eval loss %.4f", step, loss)
 
-    bar = progress(total=opts.steps, initial=start, unit="step", desc=rc.label(),
+    bar = progress(total=opts.steps, initial=first, unit="step", desc=rc.label(),
                    enabled=rank0, leave=False)
     stopped = 0
-    stop_request = StopRequest(repeat_interrupts=not ctx.distributed)
-    with stop_request.armed(opts.save is not None) as stop:
+    with StopRequest(repeat_interrupts=not ctx.distributed).armed(opts.save is not None) as stop:
         try:
-            stopped = _steps(trainer, opts, start, fault, stop, bar, metrics, history, saved,
+            stopped = _steps(trainer, opts, first, fault, stop, bar, metrics, history, saved,
                              run_eval if held_out is not None else None)
             # A resume with nothing left to train has its evaluation in the log already.
             if held_out is not None and history and not stopped and (
@@ -210,7 +233,7 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
         return None, trainer
     tokens = sum(r.tokens for r, _ in history)
     seconds = sum(dt for _, dt in history)
-    return {"config": rc.label(), "ranks": ctx.world, "start_step": start,
+    return {"config": rc.label(), "ranks": ctx.world, "start_step": first,
             "final_step": trainer.step_count, "steps": len(history),
             "final_loss": history[-1][0].loss if history else None,
             "losses": [r.loss for r, _ in history], "grad_norms": [r.grad_norm for r, _ in history],
@@ -218,7 +241,7 @@ def train(rc: RunConfig, ctx: ParallelContext, opts: TrainOptions, *,
             "wall_s": seconds, "eval": evals, "checkpoints": saved,
             "resumed_from": str(ckpt.path) if ckpt is not None else None,
             "stopped_by": signal.Signals(stopped).name if stopped else None,
-            "notes": opts.notes, "exported": [str(p) for p in exported]}, trainer
+            "notes": begin.notes, "exported": [str(p) for p in exported]}, trainer
 
 
 def _steps(trainer: Trainer, opts: TrainOptions, start: int, fault: Fault | None,

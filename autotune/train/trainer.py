@@ -171,13 +171,12 @@ class Trainer:
         # Sharded parameters are gathered, and gradients reduced, per micro-batch; pipeline
         # peers exchange per micro-batch: every data-parallel rank must run as many.
         self._lockstep = dp and (p.zero_stage == 3 or self.ctx.pp > 1 or not self._per_step)
-        self.batches = step_plans(rc, self.dataset.lengths, self.dims, lockstep=self._lockstep)
+        self.seek(0)
         # ZeRO 1/2 reducing once per step: parameters stay gathered from the first forward to
         # the step's gradient reduction, so micro-batches issue no collectives and ranks need
         # not keep step (at the memory cost of unsharded parameters for the whole step).
         self._hold_unsharded = self._per_step and p.zero_stage in (1, 2)
         self.time_compute = time_compute
-        self.step_count = 0
 
     def _cp_share(self, rc: RunConfig) -> CPShareOf | None:
         if self.ctx.cp == 1:

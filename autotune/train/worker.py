@@ -42,7 +42,6 @@ from profilers.timer import StepTimer, summarize
 __all__ = ["main"]
 
 log = logging.getLogger("autotune.worker")
-_PATH_OPTIONS = ("save", "resume", "log_dir", "export_hf")
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -254,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump-params",
                         help="train: folder for each rank's final parameters (.npz)")
     parser.add_argument("--train-options",
-                        help="train: JSON of autotune.train.session.TrainOptions (--steps and "
-                        "--log-every aside), from autotune train")
+                        help="train: JSON of autotune.train.session.TrainOptions, from "
+                        "autotune train (instead of --steps and --log-every)")
     parser.add_argument("--error-out",
                         help="train: where rank 0 writes a refusal (one line) for the caller")
     args = parser.parse_args(argv)
@@ -269,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None and args.out:
                 atomic_write_text(Path(args.out), result.model_dump_json(indent=2))
         else:
-            opts = TrainOptions(steps=args.steps, log_every=args.log_every, eval_every=0)
-            for k, v in json.loads(args.train_options or "{}").items():
-                setattr(opts, k, Path(v) if k in _PATH_OPTIONS and v is not None else v)
+            opts = (TrainOptions.from_json(args.train_options) if args.train_options
+                    else TrainOptions(steps=args.steps, log_every=args.log_every, eval_every=0))
             summary, trainer = train(rc, ctx, opts, fault=fault)
             if summary is not None and args.out:
                 atomic_write_text(Path(args.out), json.dumps(summary, indent=2))

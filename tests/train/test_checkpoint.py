@@ -62,11 +62,9 @@ def _ranks(cfg: dict, tmp: Path, name: str, **opts) -> dict:
     path.write_text(yaml.safe_dump(cfg))
     rc = RunConfig.model_validate(cfg)
     out = tmp / f"{name}.json"
-    wire = {"eval_every": 0} | {k: str(v) if isinstance(v, Path) else v
-                                 for k, v in opts.items() if k != "steps"}
     argv = Launch.for_config(rc).argv("autotune.train.worker", [
         str(path), "--mode", "train", "--steps", str(opts["steps"]), "--out", str(out),
-        "--train-options", json.dumps(wire)])
+        "--train-options", TrainOptions(eval_every=0, **opts).to_json()])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
